@@ -5,6 +5,7 @@ an optax gradient transformation; :mod:`ggr_jax.geometry` holds the pure pytree 
 """
 
 from ggr_jax import geometry
+from ggr_jax.interop import RectifiedTrainState
 from ggr_jax.rectify import (
     MODES,
     RectifyState,
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MODES",
+    "RectifiedTrainState",
     "RectifyState",
     "combine",
     "geometry",

@@ -66,17 +66,17 @@ class RectifyState(NamedTuple):
   aux_norm_kept: jax.Array
 
 
-def _static_int(value: Any, name: str) -> int:
+def _concrete_int(value: Any, name: str) -> int | None:
+  """``value`` as a Python int, or None when it is traced (inject_hyperparams under jit)."""
   try:
-    as_int = int(value)
-  except (TypeError, jax.errors.ConcretizationTypeError) as err:
-    raise TypeError(
-        f"{name} must be a static Python int (it fixes the state's shapes), got {value!r}. "
-        f"With optax.inject_hyperparams pass static_args=('subspace_dim', 'subspace_interval')."
-    ) from err
-  if as_int != value:
+    as_float = float(value)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return None
+  except TypeError as err:
+    raise TypeError(f"{name} must be an integer, got {value!r}.") from err
+  if as_float != int(as_float):
     raise TypeError(f"{name} must be an integer, got {value!r}.")
-  return as_int
+  return int(as_float)
 
 
 def _check_nonnegative(value: Any, name: str) -> None:
@@ -228,12 +228,20 @@ def rectify(
     -0.7071...
   """
   mode = _canonical_mode(mode)
-  k = _static_int(subspace_dim, "subspace_dim")
-  interval = _static_int(subspace_interval, "subspace_interval")
+  k = _concrete_int(subspace_dim, "subspace_dim")
+  if k is None:
+    if mode in SUBSPACE_MODES:
+      raise TypeError(
+          f"subspace_dim must be a static Python int for mode {mode!r} (it fixes the "
+          f"state's shapes), got a traced {subspace_dim!r}. With optax.inject_hyperparams "
+          "pass static_args=('subspace_dim',).")
+    k = 0  # traced by inject_hyperparams; init (concrete) already validated it
+  interval = subspace_interval
+  concrete_interval = _concrete_int(subspace_interval, "subspace_interval")
   if k < 0:
     raise ValueError(f"subspace_dim must be >= 0, got {k}.")
-  if interval < 1:
-    raise ValueError(f"subspace_interval must be >= 1, got {interval}.")
+  if concrete_interval is not None and concrete_interval < 1:
+    raise ValueError(f"subspace_interval must be >= 1, got {concrete_interval}.")
   if mode in SUBSPACE_MODES and k == 0:
     raise ValueError(
         f"mode {mode!r} projects onto a subspace of recent supervised directions and "

@@ -8,6 +8,11 @@ import pathlib
 import numpy as np
 import pytest
 
+# 8 virtual CPU devices for the sharding tests; must be set before jax initialises.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("GGR_SHARED", REPO.parent / "shared"))
 
