@@ -194,9 +194,9 @@ def rectify(
 
   Non-finite input: when an inner product or squared norm of a block is not
   finite, that block gets the plain sum ``g_s + a``, which is itself non-finite, so
-  NaN/Inf are never laundered into finite numbers and
-  ``optax.apply_if_finite`` around the chain skips the step. Such a ``g_s`` is
-  also not fed to the tracker.
+  NaN/Inf are never laundered into finite numbers. ``optax.apply_if_finite``
+  placed after the rectifier (it checks the updates it receives) skips such a
+  step. A non-finite ``g_s`` is also not fed to the tracker.
 
   Args:
     mode: one of ``sum, vlr, osr, csr, pcgrad_sym, conflict_drop`` (official
