@@ -1,10 +1,19 @@
-"""The ``ggr-jax`` command. Subcommands: ``demo`` (more arrive with the training system)."""
+"""The ``ggr-jax`` command: ``train``, ``eval`` and ``demo``.
+
+``ggr-jax train [--config NAME|PATH] [--config.a.b=value ...] [--workdir DIR]``
+trains (resuming when ``DIR`` holds a checkpoint of the same config); ``ggr-jax eval
+--workdir DIR`` evaluates the newest checkpoint of a run.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import sys
-from typing import Sequence
+from typing import Any, Sequence
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
 
 def _positive_int(text: str) -> int:
@@ -14,26 +23,121 @@ def _positive_int(text: str) -> int:
   return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="ggr-jax", description="Geometric Gradient Rectification for semi-supervised JAX.")
-  sub = parser.add_subparsers(dest="command", required=True)
-  demo = sub.add_parser(
-      "demo", help="train a small MLP on open-set digits with every rectification mode")
-  demo.add_argument("--steps", type=_positive_int, default=600, help="SGD steps per run")
-  demo.add_argument("--seeds", type=_positive_int, default=3, help="number of seeds (0..N-1)")
-  demo.add_argument("--labels-per-class", type=_positive_int, default=5,
-                    help="labeled images per known digit (0-5)")
-  return parser
+def _resolve_config_path(argv: list[str]) -> list[str]:
+  """Lets ``--config NAME`` name a packaged config (``default``, ``iomatch``, ...)."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    value, prefix = None, None
+    if arg == "--config" and i + 1 < len(out):
+      value, prefix, target = out[i + 1], None, i + 1
+    elif arg.startswith("--config="):
+      value, prefix, target = arg.split("=", 1)[1], "--config=", i
+    if value is None:
+      continue
+    path, _, overrides = value.partition(":")
+    if "/" not in path and not path.endswith(".py"):
+      packaged = CONFIG_DIR / f"{path}.py"
+      if not packaged.exists():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+        raise SystemExit(f"ggr-jax: unknown config {path!r}; packaged configs: {', '.join(names)}"
+                         " (or give a path to a .py file with get_config()).")
+      value = str(packaged) + (f":{overrides}" if overrides else "")
+      out[target] = (prefix or "") + value
+  return out
+
+
+def _parse_train_flags(argv: list[str]) -> tuple[Any, str | None]:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", str(CONFIG_DIR / "default.py"),
+                                  "ml_collections config file (or packaged config name)",
+                                  flag_values=values, lock_config=True)
+  flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, summary)",
+                      flag_values=values)
+  try:
+    values(["ggr-jax"] + _resolve_config_path(argv))
+  except flags.Error as err:
+    raise SystemExit(f"ggr-jax train: {err}") from err
+  return values.config, values.workdir
+
+
+def _default_workdir(cfg) -> str:
+  return f"runs/{cfg.algorithm}-{cfg.ggr.mode}-seed{cfg.train.seed}"
+
+
+def _print_results(title: str, result: dict[str, Any]) -> None:
+  rows = [("closed-set acc (ID test)", result.get("closed_acc")),
+          ("open-set balanced acc", result.get("open_bacc")),
+          ("AUROC ID vs OOD", result.get("auroc"))]
+  print(f"\n{title}")
+  for name, value in rows:
+    print(f"  {name:<26}{value:.4f}" if isinstance(value, float) else f"  {name:<26}{value}")
+  for key in ("steps", "wall_s"):
+    if key in result:
+      print(f"  {key:<26}{result[key]:.1f}" if key == "wall_s" else f"  {key:<26}{result[key]}")
+
+
+def train_main(argv: list[str]) -> int:
+  from ggr_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  from ggr_jax.train import loop  # pylint: disable=import-outside-toplevel
+
+  cfg, workdir = _parse_train_flags(argv)
+  workdir = workdir or _default_workdir(cfg)
+  try:
+    summary = loop.train(cfg, workdir)
+  except config_lib.ConfigError as err:
+    print(f"ggr-jax train: {err}", file=sys.stderr)
+    return 2
+  if summary is None:  # stopped by a signal after saving
+    return 130
+  _print_results(f"{cfg.algorithm} + {cfg.ggr.mode}, seed {cfg.train.seed} ({workdir})", summary)
+  return 0
+
+
+def eval_main(argv: list[str]) -> int:
+  from ggr_jax.train import loop  # pylint: disable=import-outside-toplevel
+  from ggr_jax.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+
+  parser = argparse.ArgumentParser(prog="ggr-jax eval")
+  parser.add_argument("--workdir", required=True, help="a directory written by ggr-jax train")
+  args = parser.parse_args(argv)
+  cfg = loop.load_run_config(args.workdir)
+  trainer = loop.Trainer(cfg, args.workdir, progress=False)
+  ckpt = Checkpointer(args.workdir)
+  if ckpt.latest_step() is None:
+    print(f"ggr-jax eval: no checkpoint in {args.workdir}/checkpoints", file=sys.stderr)
+    return 2
+  state = trainer.restore(ckpt)
+  result = {**trainer.evaluate(state), "steps": int(state.step)}
+  (pathlib.Path(args.workdir) / "eval.json").write_text(json.dumps(result, indent=1, default=float))
+  _print_results(f"eval of {args.workdir} at step {int(state.step)}", result)
+  return 0
+
+
+def demo_main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(prog="ggr-jax demo")
+  parser.add_argument("--steps", type=_positive_int, default=600, help="SGD steps per run")
+  parser.add_argument("--seeds", type=_positive_int, default=3, help="number of seeds (0..N-1)")
+  parser.add_argument("--labels-per-class", type=_positive_int, default=5,
+                      help="labeled images per known digit (0-5)")
+  args = parser.parse_args(argv)
+  from ggr_jax import demo  # pylint: disable=import-outside-toplevel
+  demo.main(demo.DemoConfig(steps=args.steps, seeds=tuple(range(args.seeds)),
+                            labels_per_class=args.labels_per_class))
+  return 0
+
+
+COMMANDS = {"train": train_main, "eval": eval_main, "demo": demo_main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  if args.command == "demo":
-    from ggr_jax import demo  # pylint: disable=import-outside-toplevel
-    demo.main(demo.DemoConfig(steps=args.steps, seeds=tuple(range(args.seeds)),
-                              labels_per_class=args.labels_per_class))
-  return 0
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    print(__doc__.strip() + f"\n\ncommands: {', '.join(COMMANDS)}", file=sys.stderr)
+    return 0 if argv and argv[0] in ("-h", "--help") else 2
+  return COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

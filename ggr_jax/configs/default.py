@@ -1,0 +1,38 @@
+"""Default run: FixMatch + GGR (vlr) on the open-set digits split, small CNN, 2 CPU cores.
+
+Every field can be overridden on the command line, e.g.
+``ggr-jax train --config.ggr.mode=osr --config.ggr.subspace_dim=10``.
+"""
+
+import ml_collections
+
+from ggr_jax.ssl import fixmatch, iomatch, openmatch
+
+
+def get_config() -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict()
+  cfg.algorithm = "fixmatch"
+
+  cfg.dataset = ml_collections.ConfigDict(dict(
+      name="digits", id_classes=(0, 1, 2, 3, 4, 5), labels_per_class=5, test_fraction=0.3))
+  cfg.model = ml_collections.ConfigDict(dict(backbone="cnn"))
+  cfg.augment = ml_collections.ConfigDict(dict(pad=1, flip=False, num_ops=3, cutout=0.5))
+
+  cfg.ggr = ml_collections.ConfigDict(dict(
+      mode="vlr", alpha=1.0, aux_weight=1.0, scope="backbone", subspace_dim=10,
+      subspace_interval=1, basis_signs="oriented", granularity="global"))
+  cfg.optim = ml_collections.ConfigDict(dict(
+      lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4, ema=0.999))
+
+  cfg.train = ml_collections.ConfigDict(dict(
+      seed=0, steps=2000, steps_per_epoch=100, batch_size=32, uratio=7,
+      log_every=50, eval_every=500, checkpoint_every=500, eval_batch_size=256))
+
+  epoch = cfg.train.get_ref("steps_per_epoch")
+  cfg.fixmatch = fixmatch.default_config()
+  cfg.iomatch = iomatch.default_config()
+  cfg.iomatch.op_warmup_steps = epoch
+  cfg.openmatch = openmatch.default_config()
+  cfg.openmatch.start_fix_steps = epoch * 10
+  cfg.openmatch.lambda_socr = 0.5
+  return cfg

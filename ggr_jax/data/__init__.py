@@ -1,0 +1,1 @@
+"""Input pipelines: on-device augmentation (:mod:`ggr_jax.data.augment`)."""

@@ -1,0 +1,252 @@
+"""Dataset-agnostic open-set splits, built the way the official code builds CIFAR-10 6/4.
+
+From a labelled train/test pair and a list of in-distribution (ID) classes:
+
+* ID classes are remapped to ``0..K-1`` in the order given; the remaining (OOD)
+  classes to ``K..K+M-1`` in ascending original-class order (analysis labels only).
+* ``labels_per_class`` labeled images per ID class are drawn without replacement.
+* The unlabeled set is the **entire** training set, labeled images and every OOD
+  class included (official ``include_lb_to_ulb=True``).
+* ``test_id`` is the test split restricted to ID classes (official ``eval``);
+  ``test_full`` is the whole test split with every OOD label mapped to ``K``
+  ("unknown", official ``full``).
+
+Example:
+  >>> import numpy as np
+  >>> rng = np.random.default_rng(0)
+  >>> y_train, y_test = np.repeat(np.arange(4), 10), np.repeat(np.arange(4), 3)
+  >>> x_train = rng.integers(0, 256, (40, 4, 4, 1), dtype=np.uint8)
+  >>> x_test = rng.integers(0, 256, (12, 4, 4, 1), dtype=np.uint8)
+  >>> split = make_openset_split(x_train, y_train, x_test, y_test, id_classes=(1, 3),
+  ...                            labels_per_class=2, seed=0, mean=(0.5,), std=(0.25,),
+  ...                            name="toy")
+  >>> split.y_labeled.tolist(), split.ood_classes
+  ([0, 0, 1, 1], (0, 2))
+  >>> sorted(set(split.y_unlabeled.tolist())), sorted(set(split.y_test_full.tolist()))
+  ([0, 1, 2, 3], [0, 1, 2])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class OpenSetSplit:
+  """One open-set split; every array is a read-only numpy array.
+
+  Attributes:
+    x_labeled: labeled ID images, uint8 NHWC, grouped by class (class 0 first).
+    y_labeled: their labels, int32 in ``0..K-1``.
+    x_unlabeled: every training image (ID and OOD, labeled ones included), uint8 NHWC.
+    y_unlabeled: analysis-only labels of ``x_unlabeled``: ID in ``0..K-1``, OOD
+      classes in ``K..K+M-1`` in ascending original-class order. Not for training.
+    unlabeled_is_id: bool, True where the unlabeled image is from an ID class.
+    x_test_id, y_test_id: the test images of ID classes only, labels ``0..K-1``.
+    x_test_full, y_test_full: the whole test split; every OOD label is ``K``.
+    test_full_is_id: bool, True where the full-test image is from an ID class.
+    num_classes: ``K``, the number of ID classes.
+    id_classes: original ids of the ID classes; ``id_classes[i]`` becomes label ``i``.
+    ood_classes: original ids of the OOD classes, ascending.
+    labeled_index: rows of the training set that form ``x_labeled`` (same order).
+    mean, std: per-channel normalisation on the [0, 1] scale.
+    name: a short identifier such as ``"digits_6_4"``.
+  """
+
+  x_labeled: np.ndarray
+  y_labeled: np.ndarray
+  x_unlabeled: np.ndarray
+  y_unlabeled: np.ndarray
+  unlabeled_is_id: np.ndarray
+  x_test_id: np.ndarray
+  y_test_id: np.ndarray
+  x_test_full: np.ndarray
+  y_test_full: np.ndarray
+  test_full_is_id: np.ndarray
+  num_classes: int
+  id_classes: tuple[int, ...]
+  ood_classes: tuple[int, ...]
+  labeled_index: np.ndarray
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  name: str
+
+  def summary(self) -> dict[str, Any]:
+    """Counts for logging: labeled per class, unlabeled ID/OOD, test ID/full."""
+    k = self.num_classes
+    return {
+        "name": self.name,
+        "num_classes": k,
+        "id_classes": list(self.id_classes),
+        "ood_classes": list(self.ood_classes),
+        "image_shape": list(self.x_unlabeled.shape[1:]),
+        "labeled": int(self.y_labeled.size),
+        "labeled_per_class": np.bincount(self.y_labeled, minlength=k).tolist(),
+        "unlabeled": int(self.y_unlabeled.size),
+        "unlabeled_id": int(self.unlabeled_is_id.sum()),
+        "unlabeled_ood": int((~self.unlabeled_is_id).sum()),
+        "test_id": int(self.y_test_id.size),
+        "test_full": int(self.y_test_full.size),
+        "test_full_ood": int((~self.test_full_is_id).sum()),
+    }
+
+
+def _readonly(array: np.ndarray) -> np.ndarray:
+  # A view, so the caller's own array keeps its flags.
+  view = array.view()
+  view.flags.writeable = False
+  return view
+
+
+def _check_images(x: Any, name: str) -> np.ndarray:
+  x = np.asarray(x)
+  if x.dtype != np.uint8:
+    raise TypeError(f"{name} must be uint8 images, got dtype {x.dtype}; convert with "
+                    f"np.clip(np.rint(x), 0, 255).astype(np.uint8) from the 0..255 scale.")
+  if x.ndim != 4:
+    raise ValueError(f"{name} must be NHWC with 4 dimensions, got shape {x.shape}; add a "
+                     f"channel axis (x[..., None]) to grayscale images.")
+  return x
+
+
+def _check_labels(y: Any, name: str, length: int, images: str) -> np.ndarray:
+  y = np.asarray(y)
+  if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+    raise ValueError(f"{name} must be a 1-D integer array, got dtype {y.dtype} and shape "
+                     f"{y.shape}.")
+  if y.size != length:
+    raise ValueError(f"{name} has {y.size} labels but {images} has {length} images; "
+                     f"they must match one to one.")
+  if y.size and y.min() < 0:
+    raise ValueError(f"{name} holds a negative class id ({y.min()}); class ids must be >= 0.")
+  return y
+
+
+def _check_stats(values: Sequence[float], name: str, channels: int, positive: bool) -> tuple:
+  values = tuple(float(v) for v in np.atleast_1d(np.asarray(values, dtype=np.float64)))
+  if len(values) != channels:
+    raise ValueError(f"{name} needs one value per channel ({channels}), got {len(values)}.")
+  if not all(np.isfinite(values)) or (positive and min(values) <= 0):
+    raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {values}.")
+  return values
+
+
+def _check_count(value: Any, name: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{name} must be an integer, got {value!r}.")
+  return int(value)
+
+
+def make_openset_split(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                       y_test: np.ndarray, *, id_classes: Sequence[int], labels_per_class: int,
+                       seed: int, mean: Sequence[float], std: Sequence[float],
+                       name: str) -> OpenSetSplit:
+  """Builds an :class:`OpenSetSplit` with the official open-set protocol.
+
+  Args:
+    x_train, x_test: uint8 images, NHWC (0..255).
+    y_train, y_test: integer class ids (>= 0), one per image.
+    id_classes: original ids of the ID classes. ``id_classes[i]`` becomes label
+      ``i``, so pass them ascending to match the official ``reassign_target``.
+      Every id must occur in ``y_train``; all other classes of ``y_train`` or
+      ``y_test`` are OOD. An empty OOD set is allowed (a closed-set split) but warns,
+      because the open-set metrics (AUROC, unknown recall) are then undefined.
+    labels_per_class: labeled images per ID class, drawn without replacement.
+    seed: seeds ``np.random.default_rng``, one draw per class in label order. The
+      official code draws with the legacy global ``np.random`` seeded by the config
+      seed, so the exact labeled indices differ from the official ones (the protocol
+      does not).
+    mean, std: per-channel normalisation on the [0, 1] scale, stored with the split.
+    name: identifier stored with the split.
+
+  Returns:
+    The split; its arrays are read-only.
+
+  Raises:
+    TypeError: non-uint8 images, non-integer ``labels_per_class`` or ``seed``.
+    ValueError: a shape or length mismatch, an unknown or duplicate ID class, too few
+      images in an ID class, bad normalisation statistics or an empty name.
+  """
+  x_train, x_test = _check_images(x_train, "x_train"), _check_images(x_test, "x_test")
+  y_train = _check_labels(y_train, "y_train", len(x_train), "x_train")
+  y_test = _check_labels(y_test, "y_test", len(x_test), "x_test")
+  if x_train.shape[1:] != x_test.shape[1:]:
+    raise ValueError(f"x_train images are {x_train.shape[1:]} but x_test images are "
+                     f"{x_test.shape[1:]}; both splits need the same HWC shape.")
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"name must be a non-empty string, got {name!r}.")
+  labels_per_class = _check_count(labels_per_class, "labels_per_class")
+  if labels_per_class < 1:
+    raise ValueError(f"labels_per_class must be >= 1, got {labels_per_class}.")
+  seed = _check_count(seed, "seed")
+  if seed < 0:
+    raise ValueError(f"seed must be >= 0, got {seed}.")
+  channels = x_train.shape[-1]
+  mean = _check_stats(mean, "mean", channels, positive=False)
+  std = _check_stats(std, "std", channels, positive=True)
+
+  id_classes = tuple(_check_count(c, "every entry of id_classes") for c in id_classes)
+  train_classes = set(np.unique(y_train).tolist())
+  if not id_classes:
+    raise ValueError("id_classes is empty; name at least one in-distribution class.")
+  if len(set(id_classes)) != len(id_classes):
+    dups = sorted({c for c in id_classes if id_classes.count(c) > 1})
+    raise ValueError(f"id_classes lists {dups} more than once; every ID class must be "
+                     f"listed exactly once.")
+  unknown = [c for c in id_classes if c not in train_classes]
+  if unknown:
+    raise ValueError(f"id_classes {unknown} do not occur in y_train (its classes are "
+                     f"{sorted(train_classes)}); pick ID classes from those.")
+  ood_classes = tuple(sorted((train_classes | set(np.unique(y_test).tolist()))
+                             - set(id_classes)))
+  if not ood_classes:
+    warnings.warn(f"{name}: every class is an ID class, so the split has no OOD data and "
+                  f"AUROC and unknown recall will be undefined (NaN).", stacklevel=2)
+
+  k = len(id_classes)
+  # Full lookup table over every class id: ID -> 0..K-1, OOD -> K..K+M-1.
+  mapping = np.full(max(max(ood_classes, default=0), max(id_classes)) + 1, -1, np.int32)
+  mapping[list(id_classes)] = np.arange(k, dtype=np.int32)
+  mapping[list(ood_classes)] = np.arange(k, k + len(ood_classes), dtype=np.int32)
+  y_train_mapped = mapping[y_train]
+  y_test_mapped = mapping[y_test]
+
+  counts = np.bincount(y_train_mapped, minlength=k)[:k]
+  if counts.min() < labels_per_class:
+    short = {id_classes[i]: int(counts[i]) for i in np.flatnonzero(counts < labels_per_class)}
+    raise ValueError(f"labels_per_class={labels_per_class} exceeds the training images of "
+                     f"ID classes {short} (original id: count); use labels_per_class <= "
+                     f"{int(counts.min())}.")
+
+  rng = np.random.default_rng(seed)
+  labeled_index = np.concatenate([
+      rng.choice(np.flatnonzero(y_train_mapped == c), labels_per_class, replace=False)
+      for c in range(k)
+  ]).astype(np.int64)
+
+  unlabeled_is_id = y_train_mapped < k
+  test_full_is_id = y_test_mapped < k
+  return OpenSetSplit(
+      x_labeled=_readonly(x_train[labeled_index]),
+      y_labeled=_readonly(y_train_mapped[labeled_index]),
+      x_unlabeled=_readonly(x_train),
+      y_unlabeled=_readonly(y_train_mapped),
+      unlabeled_is_id=_readonly(unlabeled_is_id),
+      x_test_id=_readonly(x_test[test_full_is_id]),
+      y_test_id=_readonly(y_test_mapped[test_full_is_id]),
+      x_test_full=_readonly(x_test),
+      y_test_full=_readonly(np.minimum(y_test_mapped, k).astype(np.int32)),
+      test_full_is_id=_readonly(test_full_is_id),
+      num_classes=k,
+      id_classes=id_classes,
+      ood_classes=ood_classes,
+      labeled_index=_readonly(labeled_index),
+      mean=mean,
+      std=std,
+      name=name,
+  )

@@ -1,0 +1,260 @@
+"""Open-set evaluation on host (numpy) arrays, following the official ``eval.py``.
+
+* closed accuracy: argmax of the closed-set logits on the ID samples;
+* open balanced accuracy: ``balanced_accuracy_score`` over ``K + 1`` classes, every
+  OOD label mapped to ``K`` ("unknown") and the prediction replaced by ``K`` where
+  the algorithm's OOD score crosses an Otsu threshold;
+* AUROC of ID vs OOD from the same score (the official code reports none; OOD is
+  the positive class, the score oriented so that larger means more OOD).
+
+The threshold is, as in the official code, Otsu's threshold on the scores of the
+evaluated test set itself, i.e. transductive: it uses the test scores (not labels).
+
+Example:
+  >>> import numpy as np
+  >>> logits = np.array([[3.0, 0.0], [0.0, 3.0], [1.0, 0.0], [0.0, 0.2]])
+  >>> labels = np.array([0, 1, 2, 2])                  # K = 2; label 2 = unknown
+  >>> score, rule = ood_score("fixmatch", {"logits": logits})
+  >>> m = open_set_metrics(logits, score, rule, labels, num_classes=2)
+  >>> m["open_bacc"], m["auroc"], m["unknown_rate"]
+  (1.0, 1.0, 0.5)
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Literal, Mapping
+
+import numpy as np
+from scipy.special import softmax  # scipy is a dependency of scikit-learn
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score, roc_auc_score
+
+UnknownIf = Literal["high", "low"]
+
+# algorithm -> which score (see ood_score); the ggr* variants share their base's heads.
+_SCORE_KIND = {
+    "supervised": "msp",
+    "fixmatch": "msp",
+    "iomatch": "iomatch",
+    "ggriomatch": "iomatch",
+    "openmatch": "ova",
+    "ggropenmatch": "ova",
+}
+ALGORITHMS = tuple(_SCORE_KIND)
+
+
+def _logits_2d(logits: Any, name: str) -> np.ndarray:
+  logits = np.asarray(logits, dtype=np.float64)
+  if logits.ndim != 2 or logits.shape[1] < 1:
+    raise ValueError(f"{name} must be (N, K) logits, got shape {logits.shape}.")
+  if not np.all(np.isfinite(logits)):
+    raise ValueError(f"{name} holds NaN or inf values.")
+  return logits
+
+
+def _int_labels(labels: Any, name: str, length: int) -> np.ndarray:
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"{name} must be a 1-D integer array, got dtype {labels.dtype} and "
+                     f"shape {labels.shape}.")
+  if labels.size != length:
+    raise ValueError(f"{name} has {labels.size} entries for {length} samples.")
+  if labels.size and labels.min() < 0:
+    raise ValueError(f"{name} holds a negative label ({labels.min()}).")
+  return labels
+
+
+def closed_set_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+  """Top-1 accuracy of ``argmax(logits)`` against integer ``labels``.
+
+  Example:
+    >>> closed_set_accuracy(np.array([[2.0, 1.0], [0.0, 1.0], [5.0, 0.0]]), np.array([0, 1, 1]))
+    0.666...
+  """
+  logits = _logits_2d(logits, "logits")
+  labels = _int_labels(labels, "labels", len(logits))
+  if not labels.size:
+    raise ValueError("closed_set_accuracy needs at least one sample.")
+  return float(accuracy_score(labels, logits.argmax(axis=1)))
+
+
+def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """Recall of each class ``0..num_classes-1``; NaN for a class absent from ``labels``.
+
+  A prediction outside ``0..num_classes-1`` counts as a miss.
+
+  Example:
+    >>> per_class_accuracy(np.array([0, 1, 1, 2]), np.array([0, 0, 1, 1]), 3)
+    array([0.5, 0.5, nan])
+  """
+  pred = np.asarray(pred)
+  labels = _int_labels(labels, "labels", pred.size)
+  if labels.size and labels.max() >= num_classes:
+    raise ValueError(f"labels hold class {labels.max()} but num_classes is {num_classes}.")
+  return recall_score(labels, pred.reshape(-1), labels=np.arange(num_classes), average=None,
+                      zero_division=np.nan).astype(np.float64)
+
+
+def otsu_threshold(scores: np.ndarray, nbins: int = 256) -> float:
+  """Otsu's threshold with scikit-image's ``threshold_otsu`` semantics.
+
+  Hand-written because scikit-image is not a dependency. The scores are binned into
+  ``nbins`` equal bins over ``[min, max]``; the threshold is the bin centre that ends
+  the lower class when the between-class variance is largest (the first such centre
+  on ties). All-equal scores return that value.
+
+  Example:
+    >>> otsu_threshold(np.array([0.0, 0.0, 1.0, 3.0, 3.0]), nbins=4)
+    1.125
+  """
+  scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+  if not scores.size:
+    raise ValueError("otsu_threshold needs at least one score.")
+  if not np.all(np.isfinite(scores)):
+    raise ValueError("otsu_threshold: scores hold NaN or inf values.")
+  if isinstance(nbins, bool) or not isinstance(nbins, (int, np.integer)) or nbins < 2:
+    raise ValueError(f"nbins must be an integer >= 2, got {nbins!r}.")
+  if np.all(scores == scores[0]):
+    return float(scores[0])
+  counts, edges = np.histogram(scores, bins=nbins, range=(scores.min(), scores.max()))
+  centres = (edges[:-1] + edges[1:]) / 2
+  # Split after bin i: lower class = bins 0..i, upper = bins i+1..; both are non-empty
+  # because the first bin holds the minimum and the last the maximum.
+  w_low = np.cumsum(counts)[:-1]
+  w_high = np.cumsum(counts[::-1])[::-1][1:]
+  mass = counts * centres
+  mean_low = np.cumsum(mass)[:-1] / w_low
+  mean_high = np.cumsum(mass[::-1])[::-1][1:] / w_high
+  between = w_low * w_high * (mean_low - mean_high) ** 2
+  return float(centres[np.argmax(between)])
+
+
+def ood_score(algorithm: str, outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, UnknownIf]:
+  """The per-sample OOD score of ``algorithm`` and the side on which it means unknown.
+
+  ``outputs`` are the model outputs as numpy arrays: ``logits`` (N, K) always,
+  ``logits_mb`` (N, 2, K) for iomatch, ``logits_ova`` (N, 2, K) for openmatch, with
+  index 0 = outlier/negative and 1 = inlier/positive on axis 1.
+
+  * ``openmatch``, ``ggropenmatch``: ``p_neg`` of the predicted closed class from the
+    OVA softmax over axis 1; unknown if ``score >= threshold`` (``"high"``).
+  * ``iomatch``, ``ggriomatch``: ``max_k p_k * r_pos,k`` (p = closed softmax, r =
+    multi-binary softmax); unknown if ``score < threshold`` (``"low"``).
+  * ``fixmatch``, ``supervised`` (not in the official table): the maximum softmax
+    probability, the standard baseline score for a closed-set classifier; unknown if
+    ``score < threshold`` (``"low"``).
+
+  Example:
+    >>> score, rule = ood_score("supervised", {"logits": np.array([[0.0, 0.0]])})
+    >>> score, rule
+    (array([0.5]), 'low')
+  """
+  kind = _SCORE_KIND.get(algorithm)
+  if kind is None:
+    raise ValueError(f"No OOD score for algorithm {algorithm!r}; supported: {ALGORITHMS}.")
+  if "logits" not in outputs:
+    raise KeyError(f"outputs need 'logits' for {algorithm}; got keys {sorted(outputs)}.")
+  logits = _logits_2d(outputs["logits"], "outputs['logits']")
+  probs = softmax(logits, axis=1)
+  if kind == "msp":
+    return probs.max(axis=1), "low"
+  key = "logits_mb" if kind == "iomatch" else "logits_ova"
+  if key not in outputs:
+    raise KeyError(f"outputs need {key!r} for {algorithm}; got keys {sorted(outputs)}.")
+  binary = np.asarray(outputs[key], dtype=np.float64)
+  if binary.shape != (logits.shape[0], 2, logits.shape[1]):
+    raise ValueError(f"outputs[{key!r}] must be (N, 2, K) = {(logits.shape[0], 2, logits.shape[1])}"
+                     f", got {binary.shape}.")
+  binary = softmax(binary, axis=1)
+  if kind == "iomatch":
+    return (probs * binary[:, 1, :]).max(axis=1), "low"
+  pred = logits.argmax(axis=1)
+  return binary[np.arange(len(pred)), 0, pred], "high"
+
+
+def open_set_metrics(closed_logits: np.ndarray, score: np.ndarray, unknown_if: UnknownIf,
+                     labels_full: np.ndarray, num_classes: int,
+                     threshold: float | None = None) -> dict[str, Any]:
+  """Open-set metrics on a test set holding ID and OOD samples.
+
+  Args:
+    closed_logits: (N, K) closed-set logits.
+    score: (N,) OOD score from :func:`ood_score`.
+    unknown_if: ``"high"`` (unknown where ``score >= threshold``) or ``"low"``
+      (unknown where ``score < threshold``).
+    labels_full: (N,) labels; ``0..K-1`` are ID, every label ``>= K`` is OOD and is
+      mapped to ``K``.
+    num_classes: K.
+    threshold: the decision threshold; None (default) takes Otsu's threshold on
+      ``score`` itself, transductively, as the official code does.
+
+  Returns:
+    A dict with ``open_bacc`` (balanced accuracy over the classes present among
+    ``K + 1``), ``auroc`` (ID vs OOD, OOD positive; NaN without a warning when only
+    one group is present), ``closed_acc`` (argmax accuracy on the ID rows; NaN
+    without ID rows), ``per_class_acc`` (K + 1 recalls, the last for unknown; NaN for
+    an absent class), ``threshold``, ``unknown_rate`` (fraction predicted unknown),
+    ``num_id`` and ``num_ood``.
+  """
+  logits = _logits_2d(closed_logits, "closed_logits")
+  if logits.shape[1] != num_classes:
+    raise ValueError(f"closed_logits have {logits.shape[1]} classes, num_classes is {num_classes}.")
+  score = np.asarray(score, dtype=np.float64)
+  if score.shape != (len(logits),):
+    raise ValueError(f"score must be ({len(logits)},), got shape {score.shape}.")
+  if unknown_if not in ("high", "low"):
+    raise ValueError(f"unknown_if must be 'high' or 'low', got {unknown_if!r}.")
+  labels = np.minimum(_int_labels(labels_full, "labels_full", len(logits)), num_classes)
+  if not labels.size:
+    raise ValueError("open_set_metrics needs at least one sample.")
+
+  thr = otsu_threshold(score) if threshold is None else float(threshold)
+  unknown = score >= thr if unknown_if == "high" else score < thr
+  closed_pred = logits.argmax(axis=1)
+  pred = np.where(unknown, num_classes, closed_pred)
+
+  with warnings.catch_warnings():
+    # Predicting "unknown" on a test set without OOD rows is a legitimate miss.
+    warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+    open_bacc = float(balanced_accuracy_score(labels, pred))
+
+  is_ood = labels == num_classes
+  num_ood = int(is_ood.sum())
+  if 0 < num_ood < labels.size:
+    oriented = score if unknown_if == "high" else -score
+    auroc = float(roc_auc_score(is_ood, oriented))
+  else:
+    auroc = float("nan")
+  closed_acc = (float(np.mean(closed_pred[~is_ood] == labels[~is_ood]))
+                if num_ood < labels.size else float("nan"))
+  return {
+      "open_bacc": open_bacc,
+      "auroc": auroc,
+      "closed_acc": closed_acc,
+      "per_class_acc": per_class_accuracy(pred, labels, num_classes + 1).tolist(),
+      "threshold": thr,
+      "unknown_rate": float(unknown.mean()),
+      "num_id": int(labels.size - num_ood),
+      "num_ood": num_ood,
+  }
+
+
+def evaluate_outputs(algorithm: str, outputs_id_test: Mapping[str, np.ndarray],
+                     labels_id: np.ndarray, outputs_full: Mapping[str, np.ndarray],
+                     labels_full: np.ndarray, num_classes: int) -> dict[str, Any]:
+  """Closed accuracy on the ID test split plus the open-set metrics on the full split.
+
+  Returns the keys of :func:`open_set_metrics`, with ``closed_acc`` taken from the ID
+  split (the official training-time metric) and the full split's ID-row accuracy
+  kept as ``full_closed_acc``, plus ``algorithm``.
+  """
+  if "logits" not in outputs_id_test:
+    raise KeyError(f"outputs_id_test need 'logits'; got keys {sorted(outputs_id_test)}.")
+  labels_id = np.asarray(labels_id)
+  if labels_id.size and np.max(labels_id) >= num_classes:
+    raise ValueError(f"labels_id must be ID labels 0..{num_classes - 1}, got {np.max(labels_id)}.")
+  closed_acc = closed_set_accuracy(outputs_id_test["logits"], labels_id)
+  score, unknown_if = ood_score(algorithm, outputs_full)
+  metrics = open_set_metrics(outputs_full["logits"], score, unknown_if, labels_full, num_classes)
+  metrics["full_closed_acc"] = metrics.pop("closed_acc")
+  return {"algorithm": algorithm, "closed_acc": closed_acc, **metrics}

@@ -1,0 +1,65 @@
+"""Layers with PyTorch semantics that Flax does not provide as such."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+class BatchNorm(nn.Module):
+  """Batch normalisation over every axis but the last, with PyTorch's semantics.
+
+  In train mode (``use_running_average=False``) it normalises with the biased
+  batch variance and updates the running statistics as PyTorch does::
+
+      mean <- (1 - momentum) * mean + momentum * batch_mean
+      var  <- (1 - momentum) * var  + momentum * batch_var * n / (n - 1)
+
+  with ``n`` the number of reduced elements per channel. ``momentum`` follows the
+  PyTorch convention (0.001 keeps 0.999 of the old value). ``flax.linen.BatchNorm``
+  puts the *biased* variance into its running variance; that differs from the
+  official PyTorch models by ``momentum * var / (n - 1)`` per step and fails the
+  parity check with the official training step (shared/parity/README.md, 5.7),
+  which is why this layer exists. Statistics are computed in at least float32.
+
+  Variables: ``params/{scale, bias}`` (initialised to 1 and 0) and
+  ``batch_stats/{mean, var}`` (0 and 1). The running statistics are not updated
+  during ``init``.
+  """
+
+  use_running_average: bool | None = None
+  momentum: float = 0.001
+  epsilon: float = 1e-3
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, use_running_average: bool | None = None) -> jnp.ndarray:
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average)
+    channels = x.shape[-1]
+    axes = tuple(range(x.ndim - 1))
+    stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(channels, stat_dtype))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones(channels, stat_dtype))
+    scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
+
+    xs = x.astype(stat_dtype)
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      mean = jnp.mean(xs, axis=axes)
+      var = jnp.mean(jnp.square(xs - mean), axis=axes)
+      if not self.is_initializing():
+        n = 1
+        for a in axes:
+          n *= x.shape[a]
+        unbiased = var * (n / max(n - 1, 1))
+        m = self.momentum
+        ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
+        ra_var.value = (1.0 - m) * ra_var.value + m * unbiased
+    inv = jnp.reciprocal(jnp.sqrt(var + self.epsilon)) * scale
+    y = (xs - mean) * inv + bias
+    return y.astype(jnp.promote_types(x.dtype, scale.dtype))

@@ -1,0 +1,34 @@
+"""Semi-supervised algorithms: pure loss functions, each returning the supervised and the
+auxiliary loss separately.
+
+Every algorithm module provides ``losses(apply_fn, params, model_state, batch, rng,
+step, cfg) -> (sup_loss, aux_loss, new_model_state, metrics)``, ``default_config()``
+and ``VIEWS``: the augmented views it needs from each index source (``labeled``,
+``unlabeled``, ``selected``), each ``"weak"`` or ``"strong"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+# name -> (module, model head it needs; see ggr_jax.models.heads.OpenSetNet)
+ALGORITHMS: dict[str, tuple[str, str]] = {
+    "supervised": ("ggr_jax.ssl.supervised", "none"),
+    "fixmatch": ("ggr_jax.ssl.fixmatch", "none"),
+    "iomatch": ("ggr_jax.ssl.iomatch", "iomatch"),
+    "openmatch": ("ggr_jax.ssl.openmatch", "openmatch"),
+}
+
+
+def get(name: str) -> types.ModuleType:
+  """The algorithm module registered under ``name``."""
+  if name not in ALGORITHMS:
+    raise ValueError(f"Unknown algorithm {name!r}; choose one of {sorted(ALGORITHMS)}.")
+  return importlib.import_module(ALGORITHMS[name][0])
+
+
+def head(name: str) -> str:
+  """The model head algorithm ``name`` needs."""
+  get(name)
+  return ALGORITHMS[name][1]

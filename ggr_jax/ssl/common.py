@@ -1,0 +1,82 @@
+"""Loss pieces shared by the algorithms, each written once.
+
+``apply_fn(params, model_state, x, train) -> (outputs, new_model_state)`` is how every
+algorithm calls the model; ``outputs`` is the dict of :class:`~ggr_jax.models.heads.OpenSetNet`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+ApplyFn = Callable[[Any, Any, jax.Array, bool], tuple[dict, Any]]
+
+
+def forward_concat(apply_fn: ApplyFn, params, model_state, parts: list[jax.Array], train=True):
+  """One forward on the concatenation of ``parts``; outputs split back per part."""
+  sizes = [p.shape[0] for p in parts]
+  outputs, new_state = apply_fn(params, model_state, jnp.concatenate(parts, axis=0), train)
+  bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+  split = [{k: v[bounds[i]:bounds[i + 1]] for k, v in outputs.items()} for i in range(len(parts))]
+  return split, new_state
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean cross-entropy with integer labels."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def masked_soft_cross_entropy(logits: jax.Array, targets: jax.Array, weight: jax.Array) -> jax.Array:
+  """``sum_b w_b * CE(logits_b, targets_b) / B``: normalised by the batch, not the mask."""
+  return jnp.mean(weight * optax.softmax_cross_entropy(logits, targets))
+
+
+def ova_probs(logits_ova: jax.Array) -> jax.Array:
+  """One-vs-all probabilities: softmax over the {outlier, inlier} axis of ``(N, 2, K)``."""
+  return jax.nn.softmax(logits_ova, axis=1)
+
+
+def ova_loss(logits_ova: jax.Array, labels: jax.Array) -> jax.Array:
+  """OpenMatch/IOMatch one-vs-all loss with the hardest negative.
+
+  ``mean_b[-log p_in(b, y_b)] + mean_b[max_{k != y_b} -log p_out(b, k)]`` (1e-8 inside
+  the logs, as officially; the ``k = y`` entry is zeroed, not removed).
+  """
+  probs = ova_probs(logits_ova)
+  onehot = jax.nn.one_hot(labels, logits_ova.shape[-1], dtype=probs.dtype)
+  pos = jnp.mean(jnp.sum(-jnp.log(probs[:, 1, :] + 1e-8) * onehot, axis=1))
+  neg = jnp.mean(jnp.max(-jnp.log(probs[:, 0, :] + 1e-8) * (1.0 - onehot), axis=1))
+  return pos + neg
+
+
+def ova_entropy(logits_ova: jax.Array) -> jax.Array:
+  """Mean binary entropy of the one-vs-all heads (OpenMatch's entropy minimisation)."""
+  probs = ova_probs(logits_ova)
+  return jnp.mean(jnp.sum(-probs * jnp.log(probs + 1e-8), axis=1))
+
+
+def ova_consistency(logits_a: jax.Array, logits_b: jax.Array) -> jax.Array:
+  """OpenMatch's SOCR: ``mean_b sum_{c,k} (p^a - p^b)^2`` of the one-vs-all probabilities."""
+  diff = ova_probs(logits_a) - ova_probs(logits_b)
+  return jnp.mean(jnp.sum(diff ** 2, axis=(1, 2)))
+
+
+def ramp(step: jax.Array, start: int, length: int) -> jax.Array:
+  """0 before ``start``, then linear to 1 over ``length`` steps (1 at once if length <= 0)."""
+  step = jnp.asarray(step, jnp.float32)
+  if length <= 0:
+    return (step >= start).astype(jnp.float32)
+  return jnp.clip((step - start) / length, 0.0, 1.0)
+
+
+def accepted_ood_fraction(mask: jax.Array, is_id: jax.Array | None) -> dict[str, jax.Array]:
+  """Monitors: share of accepted pseudo-labels and how many of those came from OOD images."""
+  mask = mask.astype(jnp.float32)
+  out = {"monitors/mask_ratio": jnp.mean(mask)}
+  if is_id is not None:
+    ood = 1.0 - is_id.astype(jnp.float32)
+    out["monitors/mask_ood_share"] = jnp.sum(mask * ood) / jnp.maximum(jnp.sum(mask), 1.0)
+  return out

@@ -1,0 +1,39 @@
+"""FixMatch: confidence-thresholded pseudo-labels from the weak view on the strong view.
+
+``sup = CE(x_lb)``, ``aux = lambda_u * mean_b[mask_b * CE(strong_b, target_b)]`` with
+``mask_b = [max p_w >= p_cutoff]``. The official open-set configs use soft targets
+(``hard_label=False``: the weak-view probabilities, unsharpened); ``hard_label=True``
+uses the argmax.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ggr_jax.ssl import common
+
+VIEWS = {"labeled": {"x_lb": "weak"}, "unlabeled": {"x_ulb_w": "weak", "x_ulb_s": "strong"}}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      p_cutoff=0.95, lambda_u=1.0, hard_label=False, unsup_warmup_steps=0))
+
+
+def losses(apply_fn, params, model_state, batch, rng, step, cfg):
+  """``(sup, aux, new_model_state, metrics)``; one forward on labeled, weak and strong."""
+  del rng
+  (lb, ulb_w, ulb_s), new_state = common.forward_concat(
+      apply_fn, params, model_state, [batch["x_lb"], batch["x_ulb_w"], batch["x_ulb_s"]])
+  sup = common.cross_entropy(lb["logits"], batch["y_lb"])
+  probs = jax.nn.softmax(jax.lax.stop_gradient(ulb_w["logits"]))
+  mask = (jnp.max(probs, axis=-1) >= cfg.p_cutoff).astype(probs.dtype)
+  targets = jax.nn.one_hot(jnp.argmax(probs, -1), probs.shape[-1], dtype=probs.dtype) \
+      if cfg.hard_label else probs
+  unsup = common.masked_soft_cross_entropy(ulb_s["logits"], targets, mask)
+  lambda_u = cfg.lambda_u * common.ramp(step, 0, cfg.unsup_warmup_steps)
+  metrics = {"losses/sup": sup, "losses/unsup": unsup,
+             **common.accepted_ood_fraction(mask, batch.get("ulb_is_id"))}
+  return sup, lambda_u * unsup, new_state, metrics

@@ -1,0 +1,100 @@
+"""Validation of a run config: every bad value fails here, before any compilation."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import jax
+import ml_collections
+
+from ggr_jax.rectify import BASIS_SIGNS, GRANULARITIES, MODES, SUBSPACE_MODES
+from ggr_jax import ssl
+from ggr_jax.models import BACKBONES
+
+DATASETS = ("digits",)
+SCOPES = ("backbone", "all")
+
+
+class ConfigError(ValueError):
+  """A config field has a value the run cannot use."""
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+  raise ConfigError(f"config.{field} = {value!r} is invalid: {allowed}. "
+                    f"Fix it in the config file or with --config.{field}=...")
+
+
+def _choice(cfg, field: str, choices: Iterable[str]) -> None:
+  value = _get(cfg, field)
+  choices = tuple(choices)
+  if value not in choices:
+    _fail(field, value, "allowed values are " + ", ".join(map(repr, choices)))
+
+
+def _positive_int(cfg, field: str) -> None:
+  value = _get(cfg, field)
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    _fail(field, value, "must be a positive integer")
+
+
+def _number(cfg, field: str, low: float, high: float, *, low_open=False, high_open=False) -> None:
+  value = _get(cfg, field)
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if ok:
+    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+  if not ok:
+    bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    _fail(field, value, f"must be a number in {bounds}")
+
+
+def _get(cfg, field: str) -> Any:
+  node = cfg
+  for part in field.split("."):
+    if part not in node:
+      raise ConfigError(f"config.{field} is missing; start from ggr_jax.configs.default.")
+    node = node[part]
+  return node
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises :class:`ConfigError` naming the first invalid field and its allowed values."""
+  _choice(cfg, "algorithm", ssl.ALGORITHMS)
+  _choice(cfg, "dataset.name", DATASETS)
+  _choice(cfg, "model.backbone", BACKBONES)
+  _choice(cfg, "ggr.mode", MODES)
+  _choice(cfg, "ggr.scope", SCOPES)
+  _choice(cfg, "ggr.basis_signs", BASIS_SIGNS)
+  _choice(cfg, "ggr.granularity", GRANULARITIES)
+  if cfg.ggr.mode in SUBSPACE_MODES:
+    _positive_int(cfg, "ggr.subspace_dim")
+  _positive_int(cfg, "ggr.subspace_interval")
+  _number(cfg, "ggr.alpha", 0.0, float("inf"), high_open=True)
+  _number(cfg, "ggr.aux_weight", 0.0, float("inf"), high_open=True)
+  _number(cfg, "optim.lr", 0.0, float("inf"), low_open=True, high_open=True)
+  _number(cfg, "optim.momentum", 0.0, 1.0, high_open=True)
+  _number(cfg, "optim.weight_decay", 0.0, float("inf"), high_open=True)
+  _number(cfg, "optim.ema", 0.0, 1.0, high_open=True)
+  for field in ("steps", "steps_per_epoch", "batch_size", "uratio", "log_every", "eval_every",
+                "checkpoint_every", "eval_batch_size"):
+    _positive_int(cfg, f"train.{field}")
+  if not isinstance(cfg.train.seed, int) or cfg.train.seed < 0:
+    _fail("train.seed", cfg.train.seed, "must be a non-negative integer")
+  _positive_int(cfg, "dataset.labels_per_class")
+  _number(cfg, "dataset.test_fraction", 0.0, 1.0, low_open=True, high_open=True)
+  if not 0 <= cfg.augment.pad:
+    _fail("augment.pad", cfg.augment.pad, "must be >= 0")
+  _positive_int(cfg, "augment.num_ops")
+  _number(cfg, "augment.cutout", 0.0, 1.0)
+  for block, field in (("fixmatch", "p_cutoff"), ("iomatch", "p_cutoff"), ("iomatch", "q_cutoff"),
+                       ("openmatch", "p_cutoff"), ("openmatch", "inlier_threshold")):
+    _number(cfg, f"{block}.{field}", 0.0, 1.0)
+  _positive_int(cfg, "openmatch.fix_uratio")
+
+  devices = num_devices or jax.device_count()
+  for field, size in (("batch_size", cfg.train.batch_size),
+                      ("uratio", cfg.train.batch_size * cfg.train.uratio)):
+    if size % devices:
+      what = "train.batch_size" if field == "batch_size" else "train.batch_size * train.uratio"
+      raise ConfigError(
+          f"config.{what} = {size} is not divisible by the {devices} devices the batch is "
+          f"sharded over; choose a multiple of {devices} with --config.train.{field}=...")

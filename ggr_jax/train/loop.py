@@ -1,0 +1,282 @@
+"""The training loop: resume, step, log, evaluate, checkpoint, stop cleanly on signals."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ggr_jax import evaluate, ssl
+from ggr_jax.data import augment
+from ggr_jax.data.digits import digits_split
+from ggr_jax.data.openset import OpenSetSplit
+from ggr_jax.models import build_model
+from ggr_jax.ssl import openmatch
+from ggr_jax.train import config as config_lib
+from ggr_jax.train import optim, step as step_lib
+from ggr_jax.train.checkpoint import Checkpointer
+from ggr_jax.train.metrics_log import MetricsLog
+from ggr_jax.train.state import TrainState, create_train_state, make_apply_fn
+
+# Fields that may differ when a run resumes (they do not change the trajectory).
+RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every",
+                     "train.eval_batch_size")
+
+
+class Interrupted(Exception):
+  """Raised by the signal handler's flag check; the loop saves before leaving."""
+
+
+def load_split(cfg: ml_collections.ConfigDict) -> OpenSetSplit:
+  ds = cfg.dataset
+  return digits_split(id_classes=tuple(ds.id_classes), labels_per_class=ds.labels_per_class,
+                      seed=cfg.train.seed, test_fraction=ds.test_fraction)
+
+
+def _flat_config(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  out = {}
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, (dict, ml_collections.ConfigDict)):
+        walk(value, f"{prefix}{key}.")
+      else:
+        out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+
+  walk(cfg.to_dict(), "")
+  return out
+
+
+def _check_same_run(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> None:
+  path = workdir / "config.json"
+  now = _flat_config(cfg)
+  if path.exists():
+    before = _flat_config(ml_collections.ConfigDict(json.loads(path.read_text())))
+    changed = sorted(k for k in set(now) | set(before)
+                     if k not in RESUMABLE_CHANGES and now.get(k) != before.get(k))
+    if changed:
+      raise config_lib.ConfigError(
+          f"{workdir} holds a run with a different config ({', '.join(changed)}); resume it "
+          "with the same config or choose a new --workdir.")
+  path.write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True, default=list))
+
+
+def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (``config.json``)."""
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: {workdir} is not a ggr-jax workdir.")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+  """Turns SIGINT/SIGTERM into a flag the loop checks between steps."""
+  received: list[int] = []
+  handlers = {}
+
+  def handler(signum, frame):  # pylint: disable=unused-argument
+    received.append(signum)
+
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    try:
+      handlers[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: no handlers, no clean stop
+      pass
+  try:
+    yield received
+  finally:
+    for sig, old in handlers.items():
+      signal.signal(sig, old)
+
+
+class Trainer:
+  """One run in one workdir. ``run()`` trains (resuming if possible) and returns the summary."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+               progress: bool = True, devices: list | None = None,
+               on_step: Callable[[int], None] | None = None):
+    devices = list(jax.devices() if devices is None else devices)
+    config_lib.validate(cfg, num_devices=len(devices))
+    self.cfg, self.progress, self.on_step = cfg, progress, on_step
+    self.workdir = pathlib.Path(workdir)
+    self.split = load_split(cfg)
+    self.algorithm = cfg.algorithm
+    self.model = build_model(cfg.model.backbone, self.split.num_classes, ssl.head(cfg.algorithm))
+    self.tx = optim.make_optimizer(cfg)
+    self.mesh = Mesh(np.array(devices), ("data",))
+    self.replicated = NamedSharding(self.mesh, P())
+    mean, std = self.split.mean, self.split.std
+    self.train_step = step_lib.make_train_step(cfg, self.model, self.tx, mean, std, self.mesh)
+    self.forward = step_lib.make_eval_forward(self.model, mean, std)
+    self._score_unlabeled = self._make_inlier_scorer(mean, std)
+
+  # -- pieces ------------------------------------------------------------------------
+  def _device_data(self) -> dict[str, jax.Array]:
+    s = self.split
+    data = {"x_labeled": s.x_labeled, "y_labeled": s.y_labeled.astype(np.int32),
+            "x_unlabeled": s.x_unlabeled, "unlabeled_is_id": s.unlabeled_is_id}
+    return jax.device_put(data, self.replicated)
+
+  def _initial_state(self) -> TrainState:
+    s = self.split
+    state = create_train_state(self.model, self.tx, s.x_labeled.shape[1:],
+                               s.x_unlabeled.shape[0], self.cfg.train.seed)
+    return jax.device_put(state, self.replicated)
+
+  def _make_inlier_scorer(self, mean, std):
+    apply_fn = make_apply_fn(self.model)
+    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+    aug = self.cfg.augment
+
+    @jax.jit
+    def score(params, batch_stats, images, key):
+      x = augment.weak_augment(key, images.astype(jnp.float32) / 255.0, pad=aug.pad, flip=aug.flip)
+      outputs, _ = apply_fn(params, batch_stats, augment.normalize(x, mean, std), False)
+      return openmatch.select_inliers(outputs, self.cfg.openmatch.inlier_threshold)
+
+    return score
+
+  def _maybe_select_inliers(self, state: TrainState) -> TrainState:
+    """OpenMatch: the EMA model re-selects inliers at every epoch boundary from start_fix."""
+    if self.algorithm != "openmatch":
+      return state
+    step, cfg = int(state.step), self.cfg
+    if step < cfg.openmatch.start_fix_steps or step % cfg.train.steps_per_epoch:
+      return state
+    key = jax.random.fold_in(jax.random.fold_in(state.key, 3), step)
+    selected = self._score_unlabeled(state.ema_params, state.batch_stats,
+                                     self.split.x_unlabeled, key)
+    return state.replace(selected=jax.device_put(selected, self.replicated))
+
+  def evaluate(self, state: TrainState) -> dict[str, Any]:
+    """Closed-set accuracy (ID test) and open-set metrics (full test) with EMA weights."""
+    s, bs = self.split, self.cfg.train.eval_batch_size
+    out_id = step_lib.predict(self.forward, state.ema_params, state.batch_stats, s.x_test_id, bs)
+    out_full = step_lib.predict(self.forward, state.ema_params, state.batch_stats,
+                                s.x_test_full, bs)
+    result = evaluate.evaluate_outputs(self.algorithm, out_id, s.y_test_id, out_full,
+                                       s.y_test_full, s.num_classes)
+    result["closed_per_class_acc"] = evaluate.per_class_accuracy(
+        out_id["logits"].argmax(-1), s.y_test_id, s.num_classes).tolist()
+    return result
+
+  def restore(self, ckpt: Checkpointer) -> TrainState:
+    """The newest checkpoint of the workdir, or a fresh state."""
+    state = self._initial_state()
+    return state if ckpt.latest_step() is None else ckpt.restore(state)
+
+  # -- the loop ----------------------------------------------------------------------
+  def run(self) -> dict[str, Any] | None:
+    """Trains to ``train.steps``; returns the summary, or None if stopped by a signal."""
+    cfg, workdir = self.cfg, self.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_same_run(workdir, cfg)
+    ckpt = Checkpointer(workdir)
+    state = self.restore(ckpt)
+    start = int(state.step)
+    log = MetricsLog(workdir, resume_step=start)
+    data = self._device_data()
+    total, pending, last_eval = cfg.train.steps, [], None
+    bar = _progress(start, total, self.progress)
+    t0, wall_start, step = time.perf_counter(), time.perf_counter(), start
+    try:
+      with _stop_on_signals() as received:
+        while step < total:
+          state = self._maybe_select_inliers(state)
+          state, metrics = self.train_step(state, data)
+          pending.append(metrics)
+          step += 1
+          if step % cfg.train.log_every == 0 or step == total:
+            means = _mean_metrics(pending)
+            rate = len(pending) / max(time.perf_counter() - t0, 1e-9)
+            means["monitors/steps_per_s"] = rate
+            log.write(step, "train", means)
+            bar.update(len(pending))
+            bar.set_postfix(loss=f"{means['losses/total']:.3f}", it_s=f"{rate:.1f}")
+            pending, t0 = [], time.perf_counter()
+          if step % cfg.train.eval_every == 0 or step == total:
+            last_eval = self.evaluate(state)
+            log.write(step, "eval", _scalars(last_eval))
+          if step % cfg.train.checkpoint_every == 0 or step == total:
+            ckpt.save(state)
+          if self.on_step is not None:
+            self.on_step(step)
+          if received:
+            raise Interrupted(signal.Signals(received[0]).name)
+    except Interrupted as stop:
+      ckpt.save(state)
+      ckpt.close()
+      log.close()
+      bar.close()
+      print(f"\n{stop} received: checkpoint saved at step {int(state.step)} in "
+            f"{workdir / 'checkpoints'}; run the same command to resume.")
+      return None
+    ckpt.close()
+    log.close()
+    bar.close()
+    if last_eval is None:  # resumed a finished run
+      last_eval = self.evaluate(state)
+    summary = self._summary(last_eval, step, time.perf_counter() - wall_start, start)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+  def _summary(self, ev: dict[str, Any], step: int, wall: float, start: int) -> dict[str, Any]:
+    history = [r for r in _read_train(self.workdir)]
+    diag = {f"mean_{k}": float(np.mean([r[k] for r in history if isinstance(r.get(k), float)]))
+            for k in ("ggr/cos_before", "ggr/conflict", "ggr/aux_norm_kept") if history}
+    return {
+        "closed_acc": ev["closed_acc"], "open_bacc": ev["open_bacc"], "auroc": ev["auroc"],
+        "closed_per_class_acc": ev["closed_per_class_acc"],
+        "open_per_class_acc": list(ev["per_class_acc"]), "threshold": ev["threshold"], "steps": step, "resumed_from": start,
+        "wall_s": wall, "algorithm": self.algorithm, "ggr_mode": self.cfg.ggr.mode,
+        "seed": self.cfg.train.seed, "device": self.mesh.devices.flat[0].device_kind,
+        "num_devices": self.mesh.devices.size, **diag, "config": _flat_config(self.cfg),
+    }
+
+
+def _read_train(workdir: pathlib.Path) -> list[dict[str, Any]]:
+  from ggr_jax.train.metrics_log import read  # pylint: disable=import-outside-toplevel
+  return [r for r in read(workdir) if r["split"] == "train"]
+
+
+def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
+  host = jax.device_get(pending)  # the one host sync per log interval
+  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+def _scalars(result: dict[str, Any]) -> dict[str, float]:
+  return {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
+
+
+class _NoBar:
+  def update(self, n):
+    pass
+
+  def set_postfix(self, **kwargs):
+    pass
+
+  def close(self):
+    pass
+
+
+def _progress(start: int, total: int, enabled: bool):
+  if not enabled:
+    return _NoBar()
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+          progress: bool = True) -> dict[str, Any] | None:
+  """Trains (or resumes) the run of ``cfg`` in ``workdir``; see :class:`Trainer`."""
+  return Trainer(cfg, workdir, progress).run()

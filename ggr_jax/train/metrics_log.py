@@ -1,0 +1,47 @@
+"""Metrics as JSON lines (``metrics.jsonl``) and TensorBoard event files (``tb/``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Any
+
+
+def _clean(value: Any) -> Any:
+  value = float(value)
+  return value if math.isfinite(value) else str(value)
+
+
+class MetricsLog:
+  """Appends ``{"step", "split", **metrics}`` records; on resume drops records past ``step``."""
+
+  def __init__(self, workdir: pathlib.Path, resume_step: int = 0, tensorboard: bool = True):
+    self.path = workdir / "metrics.jsonl"
+    if self.path.exists():
+      kept = [line for line in self.path.read_text().splitlines()
+              if line.strip() and json.loads(line)["step"] <= resume_step]
+      self.path.write_text("".join(line + "\n" for line in kept))
+    self._writer = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._writer = SummaryWriter(str(workdir / "tb"), purge_step=resume_step + 1)
+
+  def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+    record = {"step": step, "split": split, **{k: _clean(v) for k, v in metrics.items()}}
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._writer is not None:
+      for name, value in metrics.items():
+        if isinstance(record[name], float):
+          self._writer.add_scalar(name if "/" in name else f"{split}/{name}", value, step)
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+def read(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+  """Every record of a run's ``metrics.jsonl``."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

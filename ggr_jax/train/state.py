@@ -1,0 +1,54 @@
+"""The train state (one pytree, checkpointed whole) and the model as a pure function."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue exactly; ``key`` is a raw uint32 PRNG key."""
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  ema_params: Any
+  key: jax.Array
+  selected: jax.Array  # bool per unlabeled sample: OpenMatch's inliers (all True otherwise)
+
+
+def make_apply_fn(model: nn.Module) -> Callable:
+  """``apply_fn(params, batch_stats, x, train) -> (outputs, new_batch_stats)``."""
+
+  def apply_fn(params, batch_stats, x, train):
+    variables = {"params": params, "batch_stats": batch_stats}
+    if train:
+      outputs, mutated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+      return outputs, mutated["batch_stats"]
+    return model.apply(variables, x, train=False), batch_stats
+
+  return apply_fn
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, image_shape,
+                       num_unlabeled: int, seed: int) -> TrainState:
+  """Initialises parameters, BN statistics, optimizer state and the EMA copy."""
+  key = jax.random.PRNGKey(seed)
+  variables = model.init(jax.random.fold_in(key, 0), jnp.zeros((2, *image_shape)), train=False)
+  params = variables["params"]
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=tx.init(params),
+      ema_params=jax.tree.map(jnp.copy, params),
+      key=jax.random.fold_in(key, 1),
+      selected=jnp.ones((num_unlabeled,), bool),
+  )

@@ -1,0 +1,150 @@
+"""The jitted train step: sample, augment, one forward, two gradients, rectify, update.
+
+Everything between two host interactions is one ``jax.jit`` call with the state
+donated. Data stays on device (uint8); the batch is sharded over the ``("data",)``
+mesh, parameters are replicated, so gradients come out as global means and the
+rectifier needs no collectives.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ggr_jax import ssl
+from ggr_jax.data import augment, sampling
+from ggr_jax.train import optim
+from ggr_jax.train.state import TrainState, make_apply_fn
+
+DIAGNOSTICS = ("cos_before", "cos_after", "conflict", "aux_norm_kept")
+
+
+def algorithm_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  return cfg[cfg.algorithm] if cfg.algorithm in cfg else ml_collections.ConfigDict()
+
+
+def batch_sizes(cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  b = cfg.train.batch_size
+  return {"labeled": b, "unlabeled": b * cfg.train.uratio,
+          "selected": b * cfg.openmatch.fix_uratio}
+
+
+def make_views(cfg: ml_collections.ConfigDict, mean, std, mesh: Mesh | None) -> Callable:
+  """``views(key, step, data, selected) -> batch``: indices, augmentation, normalisation."""
+  spec = ssl.get(cfg.algorithm).VIEWS
+  sizes = batch_sizes(cfg)
+  aug = cfg.augment
+  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+
+  def shard(x):
+    if mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data")))
+
+  def views(key, step, data, selected):
+    stream_key, aug_key = jax.random.fold_in(key, 0), jax.random.fold_in(jax.random.fold_in(key, 1), step)
+    batch = {}
+    for s, (source, names) in enumerate(spec.items()):
+      if source == "labeled":
+        idx = sampling.epoch_stream_indices(jax.random.fold_in(stream_key, s), step,
+                                            sizes[source], data["x_labeled"].shape[0])
+        images, batch["y_lb"] = data["x_labeled"][idx], shard(data["y_labeled"][idx])
+      else:
+        n = data["x_unlabeled"].shape[0]
+        if source == "unlabeled":
+          idx = sampling.epoch_stream_indices(jax.random.fold_in(stream_key, s), step,
+                                              sizes[source], n)
+        else:
+          idx = sampling.masked_indices(jax.random.fold_in(aug_key, 100 + s), selected,
+                                        sizes[source])
+        images = data["x_unlabeled"][idx]
+        prefix = "ulb" if source == "unlabeled" else "sel"
+        batch[f"{prefix}_is_id"] = shard(data["unlabeled_is_id"][idx])
+      images = shard(images.astype(jnp.float32) / 255.0)
+      for v, (name, view) in enumerate(names.items()):
+        k = jax.random.fold_in(aug_key, 10 * s + v)
+        if view == "weak":
+          out = augment.weak_augment(k, images, pad=aug.pad, flip=aug.flip)
+        else:
+          out = augment.strong_augment(k, images, pad=aug.pad, flip=aug.flip,
+                                       num_ops=aug.num_ops, cutout=aug.cutout)
+        batch[name] = shard(augment.normalize(out, mean, std))
+    return batch
+
+  return views
+
+
+def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTransformation,
+                    mean, std, mesh: Mesh | None = None) -> Callable:
+  """A jitted ``train_step(state, data) -> (state, metrics)`` with the state donated."""
+  algo, algo_cfg = ssl.get(cfg.algorithm), algorithm_config(cfg)
+  apply_fn = make_apply_fn(model)
+  views = make_views(cfg, mean, std, mesh)
+  schedule = optim.usb_cosine_schedule(cfg.optim.lr, cfg.train.steps)
+  ema_keep = cfg.optim.ema
+
+  def train_step(state: TrainState, data: dict[str, jax.Array]):
+    batch = views(jax.random.fold_in(state.key, 0), state.step, data, state.selected)
+    rng = jax.random.fold_in(jax.random.fold_in(state.key, 2), state.step)
+
+    def loss_fn(params):
+      sup, aux, new_stats, metrics = algo.losses(
+          apply_fn, params, state.batch_stats, batch, rng, state.step, algo_cfg)
+      return (sup, aux), (new_stats, metrics)
+
+    (sup, aux), vjp_fn, (new_stats, metrics) = jax.vjp(loss_fn, state.params, has_aux=True)
+    one, zero = jnp.ones_like(sup), jnp.zeros_like(sup)
+    g_sup, = vjp_fn((one, zero))
+    g_aux, = vjp_fn((zero, one))
+    updates, opt_state = tx.update(g_sup, state.opt_state, state.params, aux_grads=g_aux)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_keep)
+    metrics = {
+        **metrics,
+        "losses/sup": sup, "losses/aux": aux, "losses/total": sup + aux,
+        **{f"ggr/{name}": optax.tree.get(opt_state, name) for name in DIAGNOSTICS},
+        "monitors/lr": schedule(state.step),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                              opt_state=opt_state, ema_params=ema_params)
+    return new_state, metrics
+
+  if mesh is None:
+    return jax.jit(train_step, donate_argnums=(0,))
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(train_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+
+
+def make_eval_forward(model, mean, std) -> Callable:
+  """Jitted eval-mode forward of uint8 images with given params and BN statistics."""
+  apply_fn = make_apply_fn(model)
+  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+
+  @jax.jit
+  def forward(params, batch_stats, images):
+    x = augment.normalize(images.astype(jnp.float32) / 255.0, mean, std)
+    outputs, _ = apply_fn(params, batch_stats, x, False)
+    return outputs
+
+  return forward
+
+
+def predict(forward: Callable, params: Any, batch_stats: Any, images, batch_size: int) -> dict:
+  """Outputs for every image, in fixed-size (padded) batches so nothing recompiles."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  n = images.shape[0]
+  chunks = []
+  for start in range(0, n, batch_size):
+    part = images[start:start + batch_size]
+    pad = batch_size - part.shape[0]
+    if pad:
+      part = np.concatenate([part, np.zeros((pad, *part.shape[1:]), part.dtype)])
+    out = forward(params, batch_stats, part)
+    chunks.append({k: np.asarray(v)[:batch_size - pad] for k, v in out.items()})
+  return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}

@@ -1,0 +1,138 @@
+"""The training system: one step of every algorithm, the loop, resume, devices, config errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ggr_jax import ssl
+from ggr_jax.configs import default
+from ggr_jax.models import build_model
+from ggr_jax.train import config as config_lib
+from ggr_jax.train import loop, optim, step as step_lib
+from ggr_jax.train.state import create_train_state
+
+
+def tiny_config(algorithm="fixmatch", mode="vlr", steps=4):
+  cfg = default.get_config()
+  cfg.algorithm = algorithm
+  cfg.ggr.mode = mode
+  cfg.model.backbone = "cnn"
+  cfg.train.update(dict(steps=steps, steps_per_epoch=2, batch_size=8, uratio=2, log_every=2,
+                        eval_every=steps, checkpoint_every=2, eval_batch_size=128))
+  cfg.openmatch.start_fix_steps = 2  # exercise selection and the FixMatch stage
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def split():
+  return loop.load_split(tiny_config())
+
+
+@pytest.mark.parametrize("mode", ["sum", "vlr"])
+@pytest.mark.parametrize("algorithm", sorted(ssl.ALGORITHMS))
+def test_one_step_of_every_algorithm(algorithm, mode, split):
+  cfg = tiny_config(algorithm, mode)
+  # accept every pseudo-label so the auxiliary loss is live at initialisation
+  cfg.fixmatch.p_cutoff = cfg.iomatch.p_cutoff = cfg.iomatch.q_cutoff = 0.0
+  cfg.iomatch.op_warmup_steps = 0
+  cfg.openmatch.start_fix_steps = 0
+  model = build_model("cnn", split.num_classes, ssl.head(algorithm))
+  tx = optim.make_optimizer(cfg)
+  state = create_train_state(model, tx, split.x_labeled.shape[1:], split.x_unlabeled.shape[0], 0)
+  before = jax.tree.map(np.asarray, state.params)
+  data = {"x_labeled": split.x_labeled, "y_labeled": split.y_labeled.astype(np.int32),
+          "x_unlabeled": split.x_unlabeled, "unlabeled_is_id": split.unlabeled_is_id}
+  step = step_lib.make_train_step(cfg, model, tx, split.mean, split.std)
+  state, metrics = step(state, jax.device_put(data))
+  assert int(state.step) == 1
+  assert all(np.isfinite(float(v)) for v in metrics.values()), metrics
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), state.params, before)
+  assert max(jax.tree.leaves(moved)) > 0
+  if algorithm == "supervised":
+    assert float(metrics["losses/aux"]) == 0.0
+  else:
+    assert float(metrics["losses/aux"]) > 0.0
+  if mode == "vlr" and float(metrics["ggr/cos_before"]) < 0:
+    assert abs(float(metrics["ggr/cos_after"])) < 1e-4
+
+
+def test_two_step_loop_on_digits_writes_its_outputs(tmp_path):
+  cfg = tiny_config(steps=2)
+  summary = loop.train(cfg, tmp_path, progress=False)
+  for name in ("closed_acc", "open_bacc", "auroc", "steps", "wall_s", "config"):
+    assert name in summary
+  assert summary["steps"] == 2 and 0.0 <= summary["closed_acc"] <= 1.0
+  assert len(summary["closed_per_class_acc"]) == 6 and len(summary["open_per_class_acc"]) == 7
+  assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert {r["split"] for r in records} == {"train", "eval"}
+  assert any(p.name.startswith("events") for p in (tmp_path / "tb").iterdir())
+
+
+@pytest.mark.parametrize("algorithm", ["fixmatch", "openmatch"])
+def test_interrupted_run_resumes_exactly(tmp_path, algorithm):
+  cfg = tiny_config(algorithm, "vlr", steps=6)
+  full = loop.train(cfg, tmp_path / "full", progress=False)
+
+  def interrupt(step):
+    if step == 3:
+      signal.raise_signal(signal.SIGTERM)
+
+  stopped = loop.Trainer(cfg, tmp_path / "resumed", progress=False, on_step=interrupt).run()
+  assert stopped is None and (tmp_path / "resumed" / "checkpoints").exists()
+  resumed = loop.train(cfg, tmp_path / "resumed", progress=False)
+  assert resumed["resumed_from"] == 3
+  for key in ("closed_acc", "open_bacc", "auroc", "closed_per_class_acc"):
+    assert resumed[key] == full[key], key
+  train_full = [r for r in _records(tmp_path / "full") if r["split"] == "train"]
+  train_res = [r for r in _records(tmp_path / "resumed") if r["split"] == "train"]
+  assert [r["step"] for r in train_res] == [r["step"] for r in train_full]
+  assert train_res[-1]["losses/total"] == train_full[-1]["losses/total"]
+
+
+def _records(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+  loop.train(tiny_config(steps=2), tmp_path, progress=False)
+  with pytest.raises(config_lib.ConfigError, match="ggr.mode"):
+    loop.train(tiny_config(mode="sum", steps=2), tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("algorithm", ["fixmatch", "iomatch"])
+def test_one_and_eight_devices_agree(tmp_path, algorithm):
+  if jax.device_count() < 8:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  cfg = tiny_config(algorithm, "vlr", steps=2)
+  states = []
+  for n in (1, 8):
+    trainer = loop.Trainer(cfg, tmp_path / str(n), progress=False, devices=jax.devices()[:n])
+    state, data = trainer._initial_state(), trainer._device_data()  # pylint: disable=protected-access
+    for _ in range(2):
+      state, metrics = trainer.train_step(state, data)
+    states.append((jax.device_get(state.params), jax.device_get(metrics)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5),
+               states[0], states[1])
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("ggr.mode", "foo", "config.ggr.mode = 'foo' is invalid: allowed values are 'sum', 'vlr'"),
+    ("algorithm", "mixmatch", "config.algorithm = 'mixmatch' is invalid: allowed values are"),
+    ("train.batch_size", 0, "config.train.batch_size = 0 is invalid: must be a positive integer"),
+    ("fixmatch.p_cutoff", 1.5, "config.fixmatch.p_cutoff = 1.5 is invalid: must be a number in [0"),
+    ("train.batch_size", 12, "not divisible by the 8 devices"),
+])
+def test_bad_config_value_fails_before_compiling(field, value, message):
+  cfg = tiny_config()
+  section, _, name = field.rpartition(".")
+  (cfg[section] if section else cfg)[name] = value
+  with pytest.raises(config_lib.ConfigError) as info:
+    config_lib.validate(cfg, num_devices=8)
+  assert message in str(info.value) and f"--config.{field}=" in str(info.value)
