@@ -1,4 +1,12 @@
-"""Supervised-only baseline: the labeled cross-entropy, no auxiliary loss."""
+"""Supervised-only baseline: the labeled cross-entropy, no auxiliary loss.
+
+The weak view of an unlabeled batch still goes through the forward, with no loss on
+it, so BatchNorm sees the same mixture of images as in the semi-supervised runs and
+the comparison isolates the auxiliary loss. (With only the few labeled images in the
+batch, the running statistics describe those images alone: on digits with 5 labels
+per class, seed 0, the test accuracy was 0.94 with batch statistics of the test
+images but 0.42 with the running statistics.)
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,7 @@ import ml_collections
 
 from ggr_jax.ssl import common
 
-VIEWS = {"labeled": {"x_lb": "weak"}}
+VIEWS = {"labeled": {"x_lb": "weak"}, "unlabeled": {"x_ulb_w": "weak"}}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -17,6 +25,7 @@ def default_config() -> ml_collections.ConfigDict:
 def losses(apply_fn, params, model_state, batch, rng, step, cfg):
   """``(sup, aux, new_model_state, metrics)`` with ``aux = 0``."""
   del rng, step, cfg
-  (out,), new_state = common.forward_concat(apply_fn, params, model_state, [batch["x_lb"]])
+  (out, _), new_state = common.forward_concat(
+      apply_fn, params, model_state, [batch["x_lb"], batch["x_ulb_w"]])
   sup = common.cross_entropy(out["logits"], batch["y_lb"])
   return sup, jnp.zeros_like(sup), new_state, {"losses/sup": sup}

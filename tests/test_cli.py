@@ -1,0 +1,52 @@
+"""The `ggr-jax` command: demo, train and eval, and their input validation."""
+
+import json
+
+import pytest
+
+from ggr_jax import cli, demo
+
+
+def test_demo_split_is_open_set():
+  cfg = demo.DemoConfig()
+  data = demo.load_split(cfg, seed=0)
+  assert len(data["y_lab"]) == cfg.labels_per_class * len(cfg.id_classes)
+  assert set(data["y_lab"]) == set(range(len(cfg.id_classes)))
+  assert 0 < data["ulb_is_id"].mean() < 1  # unlabeled pool holds unknown digits too
+
+
+def test_demo_runs_every_variant(capsys):
+  results = demo.main(demo.DemoConfig(steps=5, seeds=(0,)))
+  assert set(results) == set(demo.VARIANTS)
+  assert all(0.0 <= runs[0]["acc"] <= 1.0 for runs in results.values())
+  assert "vlr" in capsys.readouterr().out
+
+
+def test_cli_rejects_a_bad_value(capsys):
+  with pytest.raises(SystemExit):
+    cli.main(["demo", "--steps", "0"])
+  assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_train_rejects_a_bad_config_value_before_compiling(tmp_path, capsys):
+  rc = cli.main(["train", "--config.ggr.mode=foo", f"--workdir={tmp_path}"])
+  err = capsys.readouterr().err
+  assert rc == 2
+  assert "config.ggr.mode = 'foo' is invalid: allowed values are 'sum', 'vlr'" in err
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_train_rejects_an_unknown_packaged_config():
+  with pytest.raises(SystemExit, match="unknown config 'nope'; packaged configs: default"):
+    cli.main(["train", "--config", "nope"])
+
+
+def test_train_and_eval_commands_on_digits(tmp_path, capsys):
+  args = ["train", "--config", "default", "--config.train.steps=2", "--config.train.batch_size=8",
+          "--config.train.uratio=1", "--config.train.eval_batch_size=128", f"--workdir={tmp_path}"]
+  assert cli.main(args) == 0
+  assert "closed-set acc (ID test)" in capsys.readouterr().out
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert cli.main(["eval", f"--workdir={tmp_path}"]) == 0
+  evaluated = json.loads((tmp_path / "eval.json").read_text())
+  assert evaluated["closed_acc"] == summary["closed_acc"] and evaluated["steps"] == 2
