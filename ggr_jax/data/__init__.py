@@ -1,1 +1,2 @@
-"""Input pipelines: on-device augmentation (:mod:`ggr_jax.data.augment`)."""
+"""Data: open-set splits (:mod:`openset`), sources (:mod:`digits`), on-device
+augmentation (:mod:`augment`) and on-device index sampling (:mod:`sampling`)."""

@@ -9,14 +9,19 @@ from ggr_jax.models.heads import OpenSetNet
 BACKBONES = ("cnn", "wrn28_2")
 
 
-def build_model(backbone: str, num_classes: int, head: str = "none") -> OpenSetNet:
-  """``OpenSetNet`` with the named backbone; the backbone's parameters sit under ``backbone``."""
+def build_model(backbone: str, num_classes: int, head: str = "none",
+                bn_momentum: float = 0.001) -> OpenSetNet:
+  """``OpenSetNet`` with the named backbone; the backbone's parameters sit under ``backbone``.
+
+  ``bn_momentum`` is the PyTorch-convention share of each batch in the BatchNorm
+  running statistics (official: 0.001, a time constant of 1000 steps).
+  """
   if backbone == "cnn":
     from ggr_jax.models.cnn import SmallCNN  # pylint: disable=import-outside-toplevel
-    net: nn.Module = SmallCNN(num_classes)
+    net: nn.Module = SmallCNN(num_classes, bn_momentum=bn_momentum)
   elif backbone == "wrn28_2":
     from ggr_jax.models.wrn import WideResNet  # pylint: disable=import-outside-toplevel
-    net = WideResNet(num_classes)
+    net = WideResNet(num_classes, bn_momentum=bn_momentum)
   else:
     raise ValueError(f"Unknown backbone {backbone!r}; choose one of {BACKBONES}.")
   return OpenSetNet(backbone=net, num_classes=num_classes, head=head)

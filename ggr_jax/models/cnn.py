@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ggr_jax.models import inits
+from ggr_jax.models.layers import BatchNorm
 
 
 class SmallCNN(nn.Module):
@@ -16,7 +17,7 @@ class SmallCNN(nn.Module):
 
   num_classes: int
   width: int = 32
-  bn_momentum: float = 0.999  # flax convention: PyTorch momentum 0.001
+  bn_momentum: float = 0.01  # PyTorch convention (share of the batch in the running stats)
   bn_eps: float = 1e-3
   leaky_slope: float = 0.1
 
@@ -25,8 +26,8 @@ class SmallCNN(nn.Module):
     def conv_bn(h, channels, name):
       h = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)),
                   kernel_init=inits.conv_kaiming_fan_out, name=f"{name}_conv")(h)
-      h = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_eps, name=f"{name}_bn")(h)
+      h = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                    epsilon=self.bn_eps, name=f"{name}_bn")(h)
       return nn.leaky_relu(h, self.leaky_slope)
 
     h = conv_bn(x, self.width, "block1a")

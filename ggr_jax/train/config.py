@@ -70,6 +70,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   _positive_int(cfg, "ggr.subspace_interval")
   _number(cfg, "ggr.alpha", 0.0, float("inf"), high_open=True)
   _number(cfg, "ggr.aux_weight", 0.0, float("inf"), high_open=True)
+  _number(cfg, "model.bn_momentum", 0.0, 1.0, low_open=True)
   _number(cfg, "optim.lr", 0.0, float("inf"), low_open=True, high_open=True)
   _number(cfg, "optim.momentum", 0.0, 1.0, high_open=True)
   _number(cfg, "optim.weight_decay", 0.0, float("inf"), high_open=True)

@@ -111,7 +111,8 @@ class Trainer:
     self.workdir = pathlib.Path(workdir)
     self.split = load_split(cfg)
     self.algorithm = cfg.algorithm
-    self.model = build_model(cfg.model.backbone, self.split.num_classes, ssl.head(cfg.algorithm))
+    self.model = build_model(cfg.model.backbone, self.split.num_classes, ssl.head(cfg.algorithm),
+                             bn_momentum=cfg.model.bn_momentum)
     self.tx = optim.make_optimizer(cfg)
     self.mesh = Mesh(np.array(devices), ("data",))
     self.replicated = NamedSharding(self.mesh, P())
