@@ -50,14 +50,16 @@ def _parse_train_flags(argv: list[str]) -> tuple[Any, str | None]:
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
+  full_argv = ["ggr-jax"] + _resolve_config_path(argv)
   values = flags.FlagValues()
+  # sys_argv: the --config.a.b overrides are read from these, not from sys.argv.
   config_flags.DEFINE_config_file("config", str(CONFIG_DIR / "default.py"),
                                   "ml_collections config file (or packaged config name)",
-                                  flag_values=values, lock_config=True)
+                                  flag_values=values, lock_config=True, sys_argv=full_argv)
   flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, summary)",
                       flag_values=values)
   try:
-    values(["ggr-jax"] + _resolve_config_path(argv))
+    values(full_argv)
   except flags.Error as err:
     raise SystemExit(f"ggr-jax train: {err}") from err
   return values.config, values.workdir
