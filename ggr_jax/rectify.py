@@ -22,7 +22,8 @@ Scope = Union[None, PyTree, Callable[[PyTree], PyTree]]
 
 MODES = ("sum", "vlr", "osr", "csr", "pcgrad_sym", "conflict_drop")
 SUBSPACE_MODES = ("osr", "csr")
-GRANULARITIES = ("global", "per_leaf")
+GRANULARITIES = ("global", "per_leaf", "per_sample")
+PER_SAMPLE_MODES = ("sum", "vlr", "osr", "csr")
 BASIS_SIGNS = ("oriented", "qr")
 
 # Names the official code accepts (``normalize_surgery_mode``), for porting configs.
@@ -141,6 +142,19 @@ def _check_aux(updates: PyTree, aux_grads: PyTree) -> None:
           f"leaf of shape {jnp.shape(s)}.")
 
 
+def _embed_directions(dots_fn: Callable, block: list[int], leaves: list, treedef) -> Callable:
+  """Adapts a full-tree ``dots_fn`` to directions given on the block's leaves only."""
+
+  def dots(directions: list) -> jax.Array:
+    m = directions[0].shape[0]
+    full = [jnp.zeros((m, *jnp.shape(x)), jnp.promote_types(x.dtype, jnp.float32)) for x in leaves]
+    for leaf_dir, i in zip(directions, block):
+      full[i] = leaf_dir
+    return dots_fn(treedef.unflatten(full))
+
+  return dots
+
+
 class _Block(NamedTuple):
   """One block's contribution: rectified pieces and the sums diagnostics need."""
 
@@ -208,7 +222,14 @@ def rectify(
       otherwise).
     subspace_interval: refresh the subspace every this many steps (>= 1).
     basis_signs: ``"oriented"`` (default) or ``"qr"`` (official signs, for parity).
-    granularity: ``"global"`` (one block) or ``"per_leaf"``.
+    granularity: ``"global"`` (one block), ``"per_leaf"`` (a block per leaf) or
+      ``"per_sample"``: each sample's auxiliary gradient ``g_i`` (``g_a = sum_i g_i``)
+      is rectified before the sum, from the inner products supplied by the extra
+      argument ``aux_sample_dots`` (see :mod:`ggr_jax.per_sample`): ``vlr`` gives
+      ``a - alpha * sum_i min(c_i, 0) / max(||g_s||^2, eps) * g_s`` with
+      ``c_i = aux_weight * <g_i, g_s>``; ``csr`` removes ``U sum_i min(U^T g_i, 0)``;
+      ``osr`` (linear) equals its batch form; ``conflict`` is then the fraction of
+      conflicting samples.
     eps: clamp of squared norms in denominators.
     span_tol: tracker threshold for "inside the span" (default: dtype dependent).
 
@@ -257,6 +278,10 @@ def rectify(
   if granularity not in GRANULARITIES:
     raise ValueError(
         f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+  if granularity == "per_sample" and mode not in PER_SAMPLE_MODES:
+    raise ValueError(
+        f"granularity='per_sample' supports modes {PER_SAMPLE_MODES}, not {mode!r}: its "
+        "aggregate is not a function of the per-sample inner products alone.")
   _check_nonnegative(alpha, "alpha")
   _check_nonnegative(aux_weight, "aux_weight")
   _check_nonnegative(eps, "eps")
@@ -266,7 +291,7 @@ def rectify(
     jax.tree.map(lambda m: None, scope)  # must be a pytree
 
   def blocks_of(scoped: list[int]) -> list[list[int]]:
-    return [scoped] if granularity == "global" else [[i] for i in scoped]
+    return [[i] for i in scoped] if granularity == "per_leaf" else [scoped]
 
   def init_fn(params: PyTree) -> RectifyState:
     mask = _scope_mask(scope, params)
@@ -278,7 +303,7 @@ def rectify(
           geometry.empty_basis(p, k) if m else optax.MaskedNode()
           for p, m in zip(leaves, mask)
       ])
-      if granularity == "global":
+      if granularity != "per_leaf":
         size = jnp.zeros((), jnp.int32)
       else:
         size = treedef.unflatten(
@@ -302,13 +327,31 @@ def rectify(
 
     return jax.lax.cond(count % interval == 0, refresh, keep, (basis, size))
 
-  def rectify_block(g_s: list, a: list, basis: list | None) -> _Block:
+  def rectify_block(g_s: list, a: list, basis: list | None, weight: jax.Array,
+                    sample_dots: Callable | None = None) -> _Block:
     d = geometry.tree_vdot(a, g_s)
     s_sq, a_sq = geometry.tree_sq_norm(g_s), geometry.tree_sq_norm(a)
     finite = jnp.isfinite(d) & jnp.isfinite(s_sq) & jnp.isfinite(a_sq)
     conflict = d < 0
     new_s = g_s
-    if mode == "sum":
+    if sample_dots is not None:  # per-sample rectification of a = weight * sum_i g_i
+      directions = [g[None] if basis is None or mode != "csr" else
+                    jnp.concatenate([g[None].astype(b.dtype), b], axis=0)
+                    for g, b in zip(g_s, basis or [None] * len(g_s))]
+      coeffs = weight * sample_dots(directions)  # (B, 1) or (B, 1 + k)
+      finite = finite & jnp.all(jnp.isfinite(coeffs))
+      conflict = jnp.mean(coeffs[:, 0] < 0)
+      if mode == "vlr":
+        coef = alpha * jnp.sum(jnp.minimum(coeffs[:, 0], 0)) / jnp.maximum(s_sq, eps)
+        new_a = geometry.tree_axpy(-coef, g_s, a)
+      elif mode == "csr":
+        removed = geometry.basis_combination(jnp.sum(jnp.minimum(coeffs[:, 1:], 0), 0), basis, a)
+        new_a = [x - r for x, r in zip(a, removed)]
+      elif mode == "osr":  # linear: per-sample and batch projections coincide
+        new_a = geometry.orthogonal_project(a, basis)
+      else:
+        new_a = a
+    elif mode == "sum":
       new_a = a
     elif mode == "vlr":
       new_a = geometry.halfspace_project(a, g_s, alpha, eps)
@@ -329,11 +372,18 @@ def rectify(
     return _Block(
         sup=new_s, aux=new_a, dot_before=d, dot_after=geometry.tree_vdot(new_a, new_s),
         sup_sq=s_sq, aux_sq=a_sq, sup_sq_after=geometry.tree_sq_norm(new_s),
-        aux_sq_after=geometry.tree_sq_norm(new_a), conflict=conflict & finite)
+        aux_sq_after=geometry.tree_sq_norm(new_a),
+        conflict=jnp.where(finite, conflict, False).astype(jnp.float32))
 
-  def update_fn(updates, state, params=None, *, aux_grads=None, **extra_args):
+  def update_fn(updates, state, params=None, *, aux_grads=None, aux_sample_dots=None,
+                **extra_args):
     del params, extra_args
     _check_aux(updates, aux_grads)
+    if granularity == "per_sample" and not callable(aux_sample_dots):
+      raise TypeError(
+          "granularity='per_sample' needs aux_sample_dots=fn, where fn(directions) returns "
+          "the (B, m) inner products of each sample's auxiliary gradient with m directions "
+          "(a params-shaped tree with a leading axis m); see ggr_jax.per_sample.sample_dots.")
     mask = _scope_mask(scope, updates)
     g_leaves, treedef = jax.tree.flatten(updates)
     a_leaves = treedef.flatten_up_to(aux_grads)
@@ -360,7 +410,10 @@ def rectify(
         new_basis_leaves.extend(basis)
         new_sizes.append(size)
         skips = skips + (~accepted).astype(jnp.int32)
-      res = rectify_block(g_s, a, basis)
+      dots = None
+      if granularity == "per_sample":
+        dots = _embed_directions(aux_sample_dots, block, g_leaves, treedef)
+      res = rectify_block(g_s, a, basis, weight, dots)
       results.append(res)
       for j, i in enumerate(block):
         out[i] = res.sup[j] + res.aux[j]

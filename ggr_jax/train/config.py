@@ -64,7 +64,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   _choice(cfg, "ggr.mode", MODES)
   _choice(cfg, "ggr.scope", SCOPES)
   _choice(cfg, "ggr.basis_signs", BASIS_SIGNS)
-  _choice(cfg, "ggr.granularity", GRANULARITIES)
+  # per_sample needs per-sample auxiliary losses from the step (not wired in yet).
+  _choice(cfg, "ggr.granularity", [g for g in GRANULARITIES if g != "per_sample"])
   if cfg.ggr.mode in SUBSPACE_MODES:
     _positive_int(cfg, "ggr.subspace_dim")
   _positive_int(cfg, "ggr.subspace_interval")
