@@ -136,3 +136,63 @@ def test_bad_config_value_fails_before_compiling(field, value, message):
   with pytest.raises(config_lib.ConfigError) as info:
     config_lib.validate(cfg, num_devices=8)
   assert message in str(info.value) and f"--config.{field}=" in str(info.value)
+
+
+def _one_step(cfg, split):
+  model = build_model("cnn", split.num_classes, ssl.head(cfg.algorithm))
+  tx = optim.make_optimizer(cfg)
+  state = create_train_state(model, tx, split.x_labeled.shape[1:], split.x_unlabeled.shape[0], 0)
+  data = {"x_labeled": split.x_labeled, "y_labeled": split.y_labeled.astype(np.int32),
+          "x_unlabeled": split.x_unlabeled, "unlabeled_is_id": split.unlabeled_is_id}
+  step = step_lib.make_train_step(cfg, model, tx, split.mean, split.std)
+  return step(state, jax.device_put(data))
+
+
+@pytest.mark.parametrize("algorithm", sorted(ssl.ALGORITHMS))
+def test_per_sample_terms_sum_to_the_auxiliary_loss(algorithm, split):
+  cfg = tiny_config(algorithm)
+  cfg.fixmatch.p_cutoff = cfg.iomatch.p_cutoff = cfg.iomatch.q_cutoff = 0.0
+  cfg.iomatch.op_warmup_steps = cfg.openmatch.start_fix_steps = 0
+  model = build_model("cnn", split.num_classes, ssl.head(algorithm))
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)), train=False)
+  views = step_lib.make_views(cfg, split.mean, split.std, None)
+  data = {"x_labeled": split.x_labeled, "y_labeled": split.y_labeled.astype(np.int32),
+          "x_unlabeled": split.x_unlabeled, "unlabeled_is_id": split.unlabeled_is_id}
+  batch = views(jax.random.PRNGKey(1), 0, data, jnp.ones(split.x_unlabeled.shape[0], bool))
+  apply_fn = step_lib.make_apply_fn(model)
+  _, aux, _, metrics = ssl.get(algorithm).losses(
+      apply_fn, variables["params"], variables["batch_stats"], batch, None, 0,
+      step_lib.algorithm_config(cfg))
+  terms, is_id = metrics["per_sample/aux"], metrics["per_sample/is_id"]
+  assert terms.shape == is_id.shape and terms.ndim == 1
+  np.testing.assert_allclose(float(jnp.sum(terms)), float(aux), rtol=1e-5, atol=1e-7)
+  assert 0 < float(jnp.mean(is_id)) < 1  # the unlabeled batch mixes ID and OOD images
+
+
+@pytest.mark.parametrize("algorithm", ["fixmatch", "iomatch"])
+def test_per_sample_step_by_jvp_and_by_rows_agree(algorithm, split):
+  results = []
+  for method in ("jvp", "materialize"):
+    cfg = tiny_config(algorithm, "vlr")
+    cfg.fixmatch.p_cutoff = cfg.iomatch.p_cutoff = cfg.iomatch.q_cutoff = 0.0
+    cfg.iomatch.op_warmup_steps = 0
+    cfg.ggr.update(dict(granularity="per_sample", per_sample_method=method, microbatch=8))
+    state, metrics = _one_step(cfg, split)
+    results.append((jax.device_get(state.params), jax.device_get(metrics)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *results)
+  metrics = results[0][1]
+  for name in ("ggr/sample_conflict", "ggr/sample_conflict_id", "ggr/sample_conflict_ood",
+               "ggr/anchor_share_ood", "ggr/conflict_share_ood"):
+    assert 0.0 <= float(metrics[name]) <= 1.0, name
+  assert float(metrics["ggr/conflict"]) == pytest.approx(float(metrics["ggr/sample_conflict"]))
+
+
+def test_sample_diagnostics_leave_a_global_step_unchanged(split):
+  cfg = tiny_config("fixmatch", "vlr")
+  cfg.fixmatch.p_cutoff = 0.0
+  plain_state, plain = _one_step(cfg, split)
+  cfg.ggr.sample_diagnostics = True
+  diag_state, diag = _one_step(cfg, split)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               plain_state.params, diag_state.params)
+  assert "ggr/sample_conflict_ood" in diag and "ggr/sample_conflict_ood" not in plain

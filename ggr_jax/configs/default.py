@@ -22,7 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   cfg.ggr = ml_collections.ConfigDict(dict(
       mode="vlr", alpha=1.0, aux_weight=1.0, scope="backbone", subspace_dim=10,
-      subspace_interval=1, basis_signs="oriented", granularity="global"))
+      subspace_interval=1, basis_signs="oriented", granularity="global",
+      # per-sample geometry: "jvp" or "materialize" (rows; microbatch rows at a time,
+      # 0 = all), and ID/OOD conflict diagnostics by one JVP even without per_sample.
+      per_sample_method="jvp", microbatch=0, sample_diagnostics=False))
   cfg.optim = ml_collections.ConfigDict(dict(
       lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4, ema=0.999))
 

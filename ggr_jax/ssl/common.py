@@ -29,9 +29,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def soft_cross_entropy_terms(logits: jax.Array, targets: jax.Array, weight: jax.Array) -> jax.Array:
+  """Per-sample terms ``w_b * CE(logits_b, targets_b) / B``, shape ``(B,)``."""
+  return weight * optax.softmax_cross_entropy(logits, targets) / logits.shape[0]
+
+
 def masked_soft_cross_entropy(logits: jax.Array, targets: jax.Array, weight: jax.Array) -> jax.Array:
   """``sum_b w_b * CE(logits_b, targets_b) / B``: normalised by the batch, not the mask."""
-  return jnp.mean(weight * optax.softmax_cross_entropy(logits, targets))
+  return jnp.sum(soft_cross_entropy_terms(logits, targets, weight))
 
 
 def ova_probs(logits_ova: jax.Array) -> jax.Array:
@@ -52,16 +57,37 @@ def ova_loss(logits_ova: jax.Array, labels: jax.Array) -> jax.Array:
   return pos + neg
 
 
+def ova_entropy_terms(logits_ova: jax.Array) -> jax.Array:
+  """Per-sample terms (summing to :func:`ova_entropy`), shape ``(B,)``."""
+  probs = ova_probs(logits_ova)
+  entropy = jnp.sum(-probs * jnp.log(probs + 1e-8), axis=1)  # (B, K)
+  return jnp.mean(entropy, axis=1) / logits_ova.shape[0]
+
+
 def ova_entropy(logits_ova: jax.Array) -> jax.Array:
   """Mean binary entropy of the one-vs-all heads (OpenMatch's entropy minimisation)."""
-  probs = ova_probs(logits_ova)
-  return jnp.mean(jnp.sum(-probs * jnp.log(probs + 1e-8), axis=1))
+  return jnp.sum(ova_entropy_terms(logits_ova))
+
+
+def ova_consistency_terms(logits_a: jax.Array, logits_b: jax.Array) -> jax.Array:
+  """Per-sample terms (summing to :func:`ova_consistency`), shape ``(B,)``."""
+  diff = ova_probs(logits_a) - ova_probs(logits_b)
+  return jnp.sum(diff ** 2, axis=(1, 2)) / logits_a.shape[0]
 
 
 def ova_consistency(logits_a: jax.Array, logits_b: jax.Array) -> jax.Array:
   """OpenMatch's SOCR: ``mean_b sum_{c,k} (p^a - p^b)^2`` of the one-vs-all probabilities."""
-  diff = ova_probs(logits_a) - ova_probs(logits_b)
-  return jnp.mean(jnp.sum(diff ** 2, axis=(1, 2)))
+  return jnp.sum(ova_consistency_terms(logits_a, logits_b))
+
+
+def per_sample_outputs(aux_terms: jax.Array, is_id: jax.Array | None) -> dict[str, jax.Array]:
+  """The per-sample auxiliary terms (``sum = aux loss``) under the reserved metric keys.
+
+  ``per_sample/aux`` is differentiated by the step for per-sample geometry and
+  ``per_sample/is_id`` (analysis labels) splits the diagnostics; neither is logged.
+  """
+  ones = jnp.ones(aux_terms.shape, bool)
+  return {"per_sample/aux": aux_terms, "per_sample/is_id": ones if is_id is None else is_id}
 
 
 def ramp(step: jax.Array, start: int, length: int) -> jax.Array:

@@ -32,8 +32,10 @@ def losses(apply_fn, params, model_state, batch, rng, step, cfg):
   mask = (jnp.max(probs, axis=-1) >= cfg.p_cutoff).astype(probs.dtype)
   targets = jax.nn.one_hot(jnp.argmax(probs, -1), probs.shape[-1], dtype=probs.dtype) \
       if cfg.hard_label else probs
-  unsup = common.masked_soft_cross_entropy(ulb_s["logits"], targets, mask)
+  terms = common.soft_cross_entropy_terms(ulb_s["logits"], targets, mask)
+  unsup = jnp.sum(terms)
   lambda_u = cfg.lambda_u * common.ramp(step, 0, cfg.unsup_warmup_steps)
   metrics = {"losses/sup": sup, "losses/unsup": unsup,
-             **common.accepted_ood_fraction(mask, batch.get("ulb_is_id"))}
+             **common.accepted_ood_fraction(mask, batch.get("ulb_is_id")),
+             **common.per_sample_outputs(lambda_u * terms, batch.get("ulb_is_id"))}
   return sup, lambda_u * unsup, new_state, metrics

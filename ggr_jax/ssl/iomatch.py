@@ -87,9 +87,11 @@ def losses(apply_fn: common.ApplyFn, params: Any, model_state: Any,
 
   t = iomatch_targets(ulb_w["logits"], ulb_w["logits_mb"], p_cutoff=cfg.p_cutoff,
                       q_cutoff=cfg.q_cutoff)
-  ui = common.masked_soft_cross_entropy(ulb_s["logits"], t["p"], t["ui_weight"])
-  op_on = (jnp.asarray(step) >= cfg.op_warmup_steps).astype(ui.dtype)
-  op = op_on * common.masked_soft_cross_entropy(ulb_s["logits_open"], t["q"], t["op_weight"])
+  ui_terms = common.soft_cross_entropy_terms(ulb_s["logits"], t["p"], t["ui_weight"])
+  op_on = (jnp.asarray(step) >= cfg.op_warmup_steps).astype(ui_terms.dtype)
+  op_terms = op_on * common.soft_cross_entropy_terms(ulb_s["logits_open"], t["q"],
+                                                      t["op_weight"])
+  ui, op = jnp.sum(ui_terms), jnp.sum(op_terms)
   aux = cfg.lambda_u * ui + cfg.lambda_op * op
 
   metrics = {
@@ -105,5 +107,7 @@ def losses(apply_fn: common.ApplyFn, params: Any, model_state: Any,
       "monitors/ui_weight": jnp.mean(t["ui_weight"]),
       "monitors/op_on": op_on,
       **common.accepted_ood_fraction(t["ui_weight"], batch.get("ulb_is_id")),
+      **common.per_sample_outputs(cfg.lambda_u * ui_terms + cfg.lambda_op * op_terms,
+                                  batch.get("ulb_is_id")),
   }
   return sup, aux, new_model_state, metrics

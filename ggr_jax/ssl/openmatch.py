@@ -43,20 +43,30 @@ def losses(apply_fn, params, model_state, batch, rng, step, cfg):
   closed = 0.5 * (common.cross_entropy(lb0["logits"], y) + common.cross_entropy(lb1["logits"], y))
   ova = common.ova_loss(jnp.concatenate([lb0["logits_ova"], lb1["logits_ova"]]),
                         jnp.concatenate([y, y]))
-  em = 0.5 * (common.ova_entropy(u0["logits_ova"]) + common.ova_entropy(u1["logits_ova"]))
-  socr = common.ova_consistency(u0["logits_ova"], u1["logits_ova"])
+  em_terms = 0.5 * (common.ova_entropy_terms(u0["logits_ova"])
+                    + common.ova_entropy_terms(u1["logits_ova"]))
+  socr_terms = common.ova_consistency_terms(u0["logits_ova"], u1["logits_ova"])
+  em, socr = jnp.sum(em_terms), jnp.sum(socr_terms)
 
   probs = jax.nn.softmax(jax.lax.stop_gradient(sel_w["logits"]))
   mask = (jnp.max(probs, -1) >= cfg.p_cutoff).astype(probs.dtype)
   pseudo = jax.nn.one_hot(jnp.argmax(probs, -1), probs.shape[-1], dtype=probs.dtype)
-  fix = common.masked_soft_cross_entropy(sel_s["logits"], pseudo, mask)
+  fix_terms = common.soft_cross_entropy_terms(sel_s["logits"], pseudo, mask)
+  fix = jnp.sum(fix_terms)
   fix_on = (jnp.asarray(step) >= cfg.start_fix_steps).astype(fix.dtype)
+  # per-sample terms over the unlabeled batch, then the selected batch
+  terms = jnp.concatenate([cfg.lambda_em * em_terms + cfg.lambda_socr * socr_terms,
+                           fix_on * cfg.lambda_fix * fix_terms])
+  is_id = None
+  if "ulb_is_id" in batch and "sel_is_id" in batch:
+    is_id = jnp.concatenate([batch["ulb_is_id"], batch["sel_is_id"]])
 
   sup = closed + ova
   aux = cfg.lambda_em * em + cfg.lambda_socr * socr + fix_on * cfg.lambda_fix * fix
   metrics = {"losses/sup_closed": closed, "losses/sup_ova": ova, "losses/em": em,
              "losses/socr": socr, "losses/fix": fix, "monitors/fix_on": fix_on,
-             **common.accepted_ood_fraction(mask * fix_on, batch.get("sel_is_id"))}
+             **common.accepted_ood_fraction(mask * fix_on, batch.get("sel_is_id")),
+             **common.per_sample_outputs(terms, is_id)}
   return sup, aux, new_state, metrics
 
 

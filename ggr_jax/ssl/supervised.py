@@ -28,4 +28,6 @@ def losses(apply_fn, params, model_state, batch, rng, step, cfg):
   (out, _), new_state = common.forward_concat(
       apply_fn, params, model_state, [batch["x_lb"], batch["x_ulb_w"]])
   sup = common.cross_entropy(out["logits"], batch["y_lb"])
-  return sup, jnp.zeros_like(sup), new_state, {"losses/sup": sup}
+  terms = jnp.zeros(batch["x_ulb_w"].shape[:1], sup.dtype)
+  return sup, jnp.sum(terms), new_state, {
+      "losses/sup": sup, **common.per_sample_outputs(terms, batch.get("ulb_is_id"))}

@@ -7,7 +7,7 @@ from typing import Any, Iterable
 import jax
 import ml_collections
 
-from ggr_jax.rectify import BASIS_SIGNS, GRANULARITIES, MODES, SUBSPACE_MODES
+from ggr_jax.rectify import BASIS_SIGNS, GRANULARITIES, MODES, PER_SAMPLE_MODES, SUBSPACE_MODES
 from ggr_jax import ssl
 from ggr_jax.models import BACKBONES
 
@@ -64,8 +64,15 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   _choice(cfg, "ggr.mode", MODES)
   _choice(cfg, "ggr.scope", SCOPES)
   _choice(cfg, "ggr.basis_signs", BASIS_SIGNS)
-  # per_sample needs per-sample auxiliary losses from the step (not wired in yet).
-  _choice(cfg, "ggr.granularity", [g for g in GRANULARITIES if g != "per_sample"])
+  _choice(cfg, "ggr.granularity", GRANULARITIES)
+  _choice(cfg, "ggr.per_sample_method", ("jvp", "materialize"))
+  if cfg.ggr.granularity == "per_sample" and cfg.ggr.mode not in PER_SAMPLE_MODES:
+    _fail("ggr.mode", cfg.ggr.mode, "granularity 'per_sample' supports modes "
+          + ", ".join(map(repr, PER_SAMPLE_MODES)))
+  if not isinstance(cfg.ggr.microbatch, int) or cfg.ggr.microbatch < 0:
+    _fail("ggr.microbatch", cfg.ggr.microbatch, "must be an integer >= 0 (0: all rows at once)")
+  if not isinstance(cfg.ggr.sample_diagnostics, bool):
+    _fail("ggr.sample_diagnostics", cfg.ggr.sample_diagnostics, "must be True or False")
   if cfg.ggr.mode in SUBSPACE_MODES:
     _positive_int(cfg, "ggr.subspace_dim")
   _positive_int(cfg, "ggr.subspace_interval")

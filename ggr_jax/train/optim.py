@@ -30,9 +30,16 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def scope_fn(ggr: ml_collections.ConfigDict) -> Callable[[Any], Any]:
+  """``params -> bools``: the leaves the rectifier acts on."""
+  if ggr.scope == "all":
+    return lambda tree: jax.tree.map(lambda _: True, tree)
+  return ggr_jax.scope_from_prefix(ggr.scope)
+
+
 def make_rectifier(ggr: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
   """``ggr_jax.rectify`` from the config's ``ggr`` block."""
-  scope = None if ggr.scope == "all" else ggr_jax.scope_from_prefix(ggr.scope)
+  scope = scope_fn(ggr)
   return ggr_jax.rectify(
       ggr.mode, alpha=ggr.alpha, aux_weight=ggr.aux_weight, scope=scope,
       subspace_dim=ggr.subspace_dim if ggr.mode in ("osr", "csr") else 0,

@@ -16,7 +16,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ggr_jax import ssl
+from ggr_jax import per_sample, ssl
 from ggr_jax.data import augment, sampling
 from ggr_jax.train import optim
 from ggr_jax.train.state import TrainState, make_apply_fn
@@ -88,6 +88,10 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
   schedule = optim.usb_cosine_schedule(cfg.optim.lr, cfg.train.steps)
   ema_keep = cfg.optim.ema
 
+  ggr = cfg.ggr
+  per_sample_on = ggr.granularity == "per_sample" or ggr.sample_diagnostics
+  scope_fn = optim.scope_fn(ggr)
+
   def train_step(state: TrainState, data: dict[str, jax.Array]):
     batch = views(jax.random.fold_in(state.key, 0), state.step, data, state.selected)
     rng = jax.random.fold_in(jax.random.fold_in(state.key, 2), state.step)
@@ -95,13 +99,33 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
     def loss_fn(params):
       sup, aux, new_stats, metrics = algo.losses(
           apply_fn, params, state.batch_stats, batch, rng, state.step, algo_cfg)
-      return (sup, aux), (new_stats, metrics)
+      terms, is_id = metrics.pop("per_sample/aux"), metrics.pop("per_sample/is_id")
+      return (sup, aux, terms), (new_stats, metrics, is_id)
 
-    (sup, aux), vjp_fn, (new_stats, metrics) = jax.vjp(loss_fn, state.params, has_aux=True)
-    one, zero = jnp.ones_like(sup), jnp.zeros_like(sup)
-    g_sup, = vjp_fn((one, zero))
-    g_aux, = vjp_fn((zero, one))
-    updates, opt_state = tx.update(g_sup, state.opt_state, state.params, aux_grads=g_aux)
+    extra = {}
+    if per_sample_on:
+      # One linearisation serves everything: its transpose gives both gradients, its
+      # JVPs give every sample's inner products with any direction.
+      (sup, aux, terms), lin_fn, (new_stats, metrics, is_id) = jax.linearize(
+          loss_fn, state.params, has_aux=True)
+      transpose = jax.linear_transpose(lin_fn, state.params)
+      zero_terms = jnp.zeros_like(terms)
+      g_sup, = transpose((jnp.ones_like(sup), jnp.zeros_like(aux), zero_terms))
+      g_aux, = transpose((jnp.zeros_like(sup), jnp.ones_like(aux), zero_terms))
+      dots = _sample_dots_fn(ggr, lin_fn, transpose, terms)
+      anchor = jax.tree.map(lambda g, m: g[None] if m else jnp.zeros_like(g)[None],
+                            g_sup, scope_fn(g_sup))
+      metrics.update(per_sample.conflict_diagnostics(dots(anchor)[:, 0], is_id, weight=terms))
+      if ggr.granularity == "per_sample":
+        extra["aux_sample_dots"] = dots
+    else:
+      (sup, aux, terms), vjp_fn, (new_stats, metrics, _) = jax.vjp(
+          loss_fn, state.params, has_aux=True)
+      one, zero, zero_terms = jnp.ones_like(sup), jnp.zeros_like(sup), jnp.zeros_like(terms)
+      g_sup, = vjp_fn((one, zero, zero_terms))
+      g_aux, = vjp_fn((zero, one, zero_terms))
+    updates, opt_state = tx.update(g_sup, state.opt_state, state.params, aux_grads=g_aux,
+                                   **extra)
     params = optax.apply_updates(state.params, updates)
     ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_keep)
     metrics = {
@@ -118,6 +142,23 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
     return jax.jit(train_step, donate_argnums=(0,))
   replicated = NamedSharding(mesh, P())
   return jax.jit(train_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+
+
+def _sample_dots_fn(ggr: ml_collections.ConfigDict, lin_fn: Callable, transpose: Callable,
+                    terms: jax.Array) -> Callable:
+  """``directions -> (B, m)`` per-sample inner products, by JVP or materialised rows."""
+  if ggr.per_sample_method == "jvp":
+    return lambda directions: jax.vmap(lambda d: lin_fn(d)[2])(directions).T
+  zero = jnp.zeros((), terms.dtype)
+  eye = jnp.eye(terms.shape[0], dtype=terms.dtype)
+  pull = jax.vmap(lambda e: transpose((zero, zero, e))[0])
+  mb = ggr.microbatch or terms.shape[0]
+  if terms.shape[0] % mb:
+    raise ValueError(f"config.ggr.microbatch = {mb} must divide the {terms.shape[0]} "
+                     "per-sample auxiliary terms of a batch.")
+  rows = jax.lax.map(pull, eye.reshape(-1, mb, terms.shape[0]))
+  rows = jax.tree.map(lambda r: r.reshape(terms.shape[0], *r.shape[2:]), rows)
+  return lambda directions: per_sample.dots_from_rows(rows, directions)
 
 
 def make_eval_forward(model, mean, std) -> Callable:
