@@ -1,8 +1,9 @@
-"""The ``ggr-jax`` command: ``train``, ``eval`` and ``demo``.
+"""The ``ggr-jax`` command: ``train``, ``eval``, ``diagnostics``, ``bench`` and ``demo``.
 
 ``ggr-jax train [--config NAME|PATH] [--config.a.b=value ...] [--workdir DIR]``
 trains (resuming when ``DIR`` holds a checkpoint of the same config); ``ggr-jax eval
---workdir DIR`` evaluates the newest checkpoint of a run.
+--workdir DIR`` evaluates the newest checkpoint of a run; ``ggr-jax diagnostics
+--workdir DIR`` plots where gradient conflict comes from (ID vs OOD samples).
 """
 
 from __future__ import annotations
@@ -118,6 +119,45 @@ def eval_main(argv: list[str]) -> int:
   return 0
 
 
+def diagnostics_main(argv: list[str]) -> int:
+  parser = argparse.ArgumentParser(
+      prog="ggr-jax diagnostics",
+      description="plot per-sample conflict (ID vs OOD) over training for a workdir")
+  parser.add_argument("--workdir", required=True, help="a run trained with per-sample metrics")
+  parser.add_argument("--out", default=None, help="PNG path (default WORKDIR/conflict.png)")
+  args = parser.parse_args(argv)
+  from ggr_jax import plots  # pylint: disable=import-outside-toplevel
+  try:
+    path = plots.plot_conflict_diagnostics(args.workdir, args.out)
+  except (ValueError, FileNotFoundError) as err:
+    print(f"ggr-jax diagnostics: {err}", file=sys.stderr)
+    return 2
+  print(path)
+  return 0
+
+
+def bench_main(argv: list[str]) -> int:
+  from ggr_jax import bench  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(prog="ggr-jax bench", description=bench.__doc__.split("\n")[0])
+  parser.add_argument("--workloads", default="digits_cnn,wrn28_2_cpu",
+                      help=f"comma list of {sorted(bench.WORKLOADS)}")
+  parser.add_argument("--algorithms", default="fixmatch,iomatch", help="comma list")
+  parser.add_argument("--variants", default=",".join(bench.VARIANTS), help="comma list")
+  parser.add_argument("--steps", type=_positive_int, default=20, help="timed steps per cell")
+  parser.add_argument("--warmup", type=_positive_int, default=3)
+  parser.add_argument("--json", default=None, help="write the report here")
+  args = parser.parse_args(argv)
+  try:
+    report = bench.run(args.workloads.split(","), args.algorithms.split(","),
+                       args.variants.split(","), args.steps, args.warmup)
+  except ValueError as err:
+    print(f"ggr-jax bench: {err}", file=sys.stderr)
+    return 2
+  if args.json:
+    bench.write_json(report, args.json)
+  return 0
+
+
 def demo_main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="ggr-jax demo")
   parser.add_argument("--steps", type=_positive_int, default=600, help="SGD steps per run")
@@ -131,7 +171,8 @@ def demo_main(argv: list[str]) -> int:
   return 0
 
 
-COMMANDS = {"train": train_main, "eval": eval_main, "demo": demo_main}
+COMMANDS = {"train": train_main, "eval": eval_main, "diagnostics": diagnostics_main,
+            "bench": bench_main, "demo": demo_main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -50,3 +50,33 @@ def test_train_and_eval_commands_on_digits(tmp_path, capsys):
   assert cli.main(["eval", f"--workdir={tmp_path}"]) == 0
   evaluated = json.loads((tmp_path / "eval.json").read_text())
   assert evaluated["closed_acc"] == summary["closed_acc"] and evaluated["steps"] == 2
+
+
+def test_bench_runs_end_to_end_and_writes_valid_json(tmp_path, capsys):
+  path = tmp_path / "bench.json"
+  rc = cli.main(["bench", "--workloads", "tiny", "--algorithms", "fixmatch", "--variants",
+                 "sum,vlr,vlr_per_sample_jvp", "--steps", "2", "--warmup", "1",
+                 "--json", str(path)])
+  assert rc == 0
+  report = json.loads(path.read_text())
+  assert report["platform"] == "cpu" and report["jax_version"]
+  rows = {r["variant"]: r for r in report["results"]}
+  assert set(rows) == {"sum", "vlr", "vlr_per_sample_jvp"}
+  assert all(r["compilations"] == 1 and r["median_ms"] > 0 for r in rows.values())
+  assert rows["vlr"]["ratio_to_sum"] > 0 and rows["sum"]["ratio_to_sum"] == 1.0
+  assert "vlr_per_sample_jvp" in capsys.readouterr().out
+  assert cli.main(["bench", "--workloads", "huge"]) == 2
+
+
+def test_diagnostics_plot_from_a_run_with_per_sample_metrics(tmp_path, capsys):
+  base = ["train", "--config.train.steps=2", "--config.train.batch_size=8",
+          "--config.train.uratio=1", "--config.train.log_every=1",
+          "--config.train.eval_batch_size=128"]
+  assert cli.main(base + ["--config.ggr.sample_diagnostics=True", f"--workdir={tmp_path / 'a'}"]) == 0
+  assert cli.main(["diagnostics", f"--workdir={tmp_path / 'a'}"]) == 0
+  png = tmp_path / "a" / "conflict.png"
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert cli.main(base + [f"--workdir={tmp_path / 'b'}"]) == 0
+  capsys.readouterr()
+  assert cli.main(["diagnostics", f"--workdir={tmp_path / 'b'}"]) == 2
+  assert "sample_diagnostics=True" in capsys.readouterr().err

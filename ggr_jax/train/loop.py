@@ -240,6 +240,7 @@ class Trainer:
         "closed_per_class_acc": ev["closed_per_class_acc"],
         "open_per_class_acc": list(ev["per_class_acc"]), "threshold": ev["threshold"], "steps": step, "resumed_from": start,
         "wall_s": wall, "algorithm": self.algorithm, "ggr_mode": self.cfg.ggr.mode,
+        "unlabeled_ood_fraction": float(1.0 - np.mean(self.split.unlabeled_is_id)),
         "seed": self.cfg.train.seed, "device": self.mesh.devices.flat[0].device_kind,
         "num_devices": self.mesh.devices.size, **diag, "config": _flat_config(self.cfg),
     }

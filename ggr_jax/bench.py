@@ -1,0 +1,153 @@
+"""The step benchmark: the jitted train step of every rectifier variant, timed on device.
+
+Compilation is timed apart; then ``warmup`` steps, then ``steps`` steps each timed to
+``block_until_ready`` (median and 10/90th percentiles). The step function must not
+recompile inside the loop: its jit cache size is checked and reported. Peak device
+memory comes from ``Device.memory_stats()`` where the backend exposes it (GPU/TPU; CPU
+reports none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from ggr_jax import ssl
+from ggr_jax.configs import default
+from ggr_jax.models import build_model
+from ggr_jax.train import optim, step as step_lib
+from ggr_jax.train.state import create_train_state
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "sum": dict(mode="sum"),
+    "vlr": dict(mode="vlr"),
+    "osr_k10": dict(mode="osr", subspace_dim=10),
+    "csr_k10": dict(mode="csr", subspace_dim=10),
+    "vlr_per_sample_jvp": dict(mode="vlr", granularity="per_sample", per_sample_method="jvp"),
+    "vlr_per_sample_rows": dict(mode="vlr", granularity="per_sample",
+                                per_sample_method="materialize"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  backbone: str
+  image_shape: tuple[int, int, int]
+  batch_size: int
+  uratio: int
+  num_classes: int = 6
+
+
+WORKLOADS = {
+    "digits_cnn": Workload("cnn", (8, 8, 1), 32, 7),
+    "wrn28_2_cpu": Workload("wrn28_2", (32, 32, 3), 4, 7),
+    "wrn28_2_paper": Workload("wrn28_2", (32, 32, 3), 64, 7),
+    "tiny": Workload("cnn", (8, 8, 1), 8, 1),
+}
+
+
+def _synthetic_data(work: Workload, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  n_lab, n_ulb = max(4 * work.batch_size, 64), max(4 * work.batch_size * work.uratio, 256)
+  return {
+      "x_labeled": rng.integers(0, 256, (n_lab, *work.image_shape), dtype=np.uint8),
+      "y_labeled": rng.integers(0, work.num_classes, n_lab).astype(np.int32),
+      "x_unlabeled": rng.integers(0, 256, (n_ulb, *work.image_shape), dtype=np.uint8),
+      "unlabeled_is_id": rng.random(n_ulb) < 0.6,
+  }
+
+
+def _config(algorithm: str, work: Workload, variant: dict[str, Any]):
+  cfg = default.get_config()
+  cfg.algorithm = algorithm
+  cfg.model.backbone = work.backbone
+  cfg.train.update(dict(batch_size=work.batch_size, uratio=work.uratio, steps=100_000))
+  if work.image_shape[0] == 32:
+    cfg.augment.update(dict(pad=4, flip=True))
+  cfg.ggr.update(variant)
+  return cfg
+
+
+def time_step(algorithm: str, work: Workload, variant: dict[str, Any], steps: int = 20,
+              warmup: int = 3) -> dict[str, Any]:
+  """Times one (algorithm, workload, variant) cell; returns its figures."""
+  cfg = _config(algorithm, work, variant)
+  model = build_model(work.backbone, work.num_classes, ssl.head(algorithm),
+                      bn_momentum=cfg.model.bn_momentum)
+  tx = optim.make_optimizer(cfg)
+  data = jax.device_put(_synthetic_data(work))
+  state = create_train_state(model, tx, work.image_shape, data["x_unlabeled"].shape[0], 0)
+  step = step_lib.make_train_step(cfg, model, tx, (0.5,) * work.image_shape[-1],
+                                  (0.25,) * work.image_shape[-1])
+  start = time.perf_counter()
+  state, _ = step(state, data)
+  jax.block_until_ready(state)
+  compile_s = time.perf_counter() - start
+  for _ in range(warmup):
+    state, _ = step(state, data)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, _ = step(state, data)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - start)
+  stats = jax.devices()[0].memory_stats() or {}
+  ms = np.array(times) * 1e3
+  return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
+          "p90_ms": float(np.percentile(ms, 90)), "compile_s": compile_s,
+          "compilations": step._cache_size(),  # pylint: disable=protected-access
+          "peak_bytes": stats.get("peak_bytes_in_use")}
+
+
+def run(workloads: list[str], algorithms: list[str], variants: list[str], steps: int = 20,
+        warmup: int = 3, verbose: bool = True) -> dict[str, Any]:
+  """Benchmarks every cell and returns the JSON-ready report."""
+  for name in workloads:
+    if name not in WORKLOADS:
+      raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
+  for name in variants:
+    if name not in VARIANTS:
+      raise ValueError(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
+  device = jax.devices()[0]
+  report: dict[str, Any] = {
+      "device_kind": device.device_kind, "platform": device.platform,
+      "jax_version": jax.__version__, "steps": steps, "warmup": warmup,
+      "date": time.strftime("%Y-%m-%d"), "results": []}
+  for wname in workloads:
+    work = WORKLOADS[wname]
+    for algorithm in algorithms:
+      base = None
+      for vname in variants:
+        figures = time_step(algorithm, work, VARIANTS[vname], steps, warmup)
+        if vname == "sum":
+          base = figures
+        row = {"workload": wname, "algorithm": algorithm, "variant": vname,
+               "workload_config": dataclasses.asdict(work), "variant_config": VARIANTS[vname],
+               **figures}
+        if base is not None:
+          row["ratio_to_sum"] = figures["median_ms"] / base["median_ms"]
+          if base["peak_bytes"] and figures["peak_bytes"]:
+            row["memory_ratio_to_sum"] = figures["peak_bytes"] / base["peak_bytes"]
+        report["results"].append(row)
+        if verbose:
+          print(format_row(row), flush=True)
+  return report
+
+
+def format_row(row: dict[str, Any]) -> str:
+  mem = f"{row['peak_bytes'] / 2**20:8.0f} MiB" if row.get("peak_bytes") else "       n/a"
+  ratio = f"{row['ratio_to_sum']:5.2f}" if "ratio_to_sum" in row else "  -  "
+  return (f"{row['workload']:<14}{row['algorithm']:<10}{row['variant']:<22}"
+          f"{row['median_ms']:9.1f} ms [{row['p10_ms']:.1f}, {row['p90_ms']:.1f}]  x{ratio}"
+          f"  {mem}  compiles={row['compilations']}")
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+  with open(path, "w") as f:
+    json.dump(report, f, indent=1)
