@@ -1,5 +1,8 @@
 """The step benchmark: the jitted train step of every rectifier variant, timed on device.
 
+The baseline ``sum`` is the plain semi-supervised step (one backward pass of
+``sup + aux``); ``sum_split`` computes both gradients without projecting, which
+isolates the cost of the second backward pass from the cost of the geometry.
 Compilation is timed apart; then ``warmup`` steps, then ``steps`` steps each timed to
 ``block_until_ready`` (median and 10/90th percentiles). The step function must not
 recompile inside the loop: its jit cache size is checked and reported. Peak device
@@ -24,7 +27,8 @@ from ggr_jax.train import optim, step as step_lib
 from ggr_jax.train.state import create_train_state
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "sum": dict(mode="sum"),
+    "sum": dict(mode="sum", split_gradients=False),  # the plain SSL step: one backward
+    "sum_split": dict(mode="sum"),  # both gradients, no projection
     "vlr": dict(mode="vlr"),
     "osr_k10": dict(mode="osr", subspace_dim=10),
     "csr_k10": dict(mode="csr", subspace_dim=10),

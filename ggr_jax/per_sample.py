@@ -49,15 +49,19 @@ def jacobian_rows(loss_vector_fn: LossVectorFn, params: PyTree, *,
            [2., 2., 2.]], dtype=float32)
   """
   losses, vjp_fn = jax.vjp(loss_vector_fn, params)
-  batch = losses.shape[0]
-  eye = jnp.eye(batch, dtype=losses.dtype)
-  pull = jax.vmap(lambda e: vjp_fn(e)[0])
+  return rows_from_pullback(lambda e: vjp_fn(e)[0], losses.shape[0], losses.dtype, microbatch)
+
+
+def rows_from_pullback(pullback: Callable[[jax.Array], PyTree], batch: int, dtype: Any,
+                       microbatch: int | None = None) -> PyTree:
+  """Rows ``pullback(e_i)`` for the ``batch`` unit cotangents, ``microbatch`` at a time."""
+  eye = jnp.eye(batch, dtype=dtype)
+  pull = jax.vmap(pullback)
   if microbatch is None or microbatch >= batch:
     return pull(eye)
   if batch % microbatch:
     raise ValueError(f"microbatch={microbatch} must divide the batch size {batch}.")
-  chunks = eye.reshape(batch // microbatch, microbatch, batch)
-  rows = jax.lax.map(pull, chunks)
+  rows = jax.lax.map(pull, eye.reshape(batch // microbatch, microbatch, batch))
   return jax.tree.map(lambda r: r.reshape(batch, *r.shape[2:]), rows)
 
 

@@ -196,3 +196,18 @@ def test_sample_diagnostics_leave_a_global_step_unchanged(split):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                plain_state.params, diag_state.params)
   assert "ggr/sample_conflict_ood" in diag and "ggr/sample_conflict_ood" not in plain
+
+
+def test_plain_sum_step_with_one_backward_equals_the_split_sum_step(split):
+  cfg = tiny_config("fixmatch", "sum")
+  cfg.fixmatch.p_cutoff = 0.0
+  cfg.ggr.aux_weight = 0.5
+  split_state, _ = _one_step(cfg, split)
+  cfg.ggr.split_gradients = False
+  plain_state, metrics = _one_step(cfg, split)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               split_state.params, plain_state.params)
+  assert "ggr/cos_before" not in metrics
+  cfg.ggr.mode = "vlr"
+  with pytest.raises(config_lib.ConfigError, match="config.ggr.split_gradients = False"):
+    config_lib.validate(cfg, num_devices=8)

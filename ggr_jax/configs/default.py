@@ -25,7 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
       subspace_interval=1, basis_signs="oriented", granularity="global",
       # per-sample geometry: "jvp" or "materialize" (rows; microbatch rows at a time,
       # 0 = all), and ID/OOD conflict diagnostics by one JVP even without per_sample.
-      per_sample_method="jvp", microbatch=0, sample_diagnostics=False))
+      per_sample_method="jvp", microbatch=0, sample_diagnostics=False,
+      # False (mode "sum" only): one backward pass of sup + aux, the plain SSL step,
+      # without the rectifier's diagnostics; True computes both gradients.
+      split_gradients=True))
   cfg.optim = ml_collections.ConfigDict(dict(
       lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4, ema=0.999))
 

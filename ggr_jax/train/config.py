@@ -71,6 +71,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
           + ", ".join(map(repr, PER_SAMPLE_MODES)))
   if not isinstance(cfg.ggr.microbatch, int) or cfg.ggr.microbatch < 0:
     _fail("ggr.microbatch", cfg.ggr.microbatch, "must be an integer >= 0 (0: all rows at once)")
+  if not isinstance(cfg.ggr.split_gradients, bool):
+    _fail("ggr.split_gradients", cfg.ggr.split_gradients, "must be True or False")
+  if not cfg.ggr.split_gradients and (cfg.ggr.mode != "sum" or cfg.ggr.granularity == "per_sample"
+                                      or cfg.ggr.sample_diagnostics):
+    _fail("ggr.split_gradients", False, "only mode 'sum' without per-sample geometry can "
+          "skip the separate gradients")
   if not isinstance(cfg.ggr.sample_diagnostics, bool):
     _fail("ggr.sample_diagnostics", cfg.ggr.sample_diagnostics, "must be True or False")
   if cfg.ggr.mode in SUBSPACE_MODES:

@@ -233,8 +233,11 @@ class Trainer:
 
   def _summary(self, ev: dict[str, Any], step: int, wall: float, start: int) -> dict[str, Any]:
     history = [r for r in _read_train(self.workdir)]
-    diag = {f"mean_{k}": float(np.mean([r[k] for r in history if isinstance(r.get(k), float)]))
-            for k in ("ggr/cos_before", "ggr/conflict", "ggr/aux_norm_kept") if history}
+    diag = {}
+    for k in ("ggr/cos_before", "ggr/conflict", "ggr/aux_norm_kept"):
+      values = [r[k] for r in history if isinstance(r.get(k), float)]
+      if values:
+        diag[f"mean_{k}"] = float(np.mean(values))
     return {
         "closed_acc": ev["closed_acc"], "open_bacc": ev["open_bacc"], "auroc": ev["auroc"],
         "closed_per_class_acc": ev["closed_per_class_acc"],

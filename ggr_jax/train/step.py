@@ -122,8 +122,12 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
       (sup, aux, terms), vjp_fn, (new_stats, metrics, _) = jax.vjp(
           loss_fn, state.params, has_aux=True)
       one, zero, zero_terms = jnp.ones_like(sup), jnp.zeros_like(sup), jnp.zeros_like(terms)
-      g_sup, = vjp_fn((one, zero, zero_terms))
-      g_aux, = vjp_fn((zero, one, zero_terms))
+      if ggr.split_gradients:
+        g_sup, = vjp_fn((one, zero, zero_terms))
+        g_aux, = vjp_fn((zero, one, zero_terms))
+      else:  # plain SSL: one backward pass of sup + aux_weight * aux
+        g_sup, = vjp_fn((one, jnp.asarray(ggr.aux_weight, sup.dtype), zero_terms))
+        g_aux = jax.tree.map(jnp.zeros_like, g_sup)
     updates, opt_state = tx.update(g_sup, state.opt_state, state.params, aux_grads=g_aux,
                                    **extra)
     params = optax.apply_updates(state.params, updates)
@@ -131,7 +135,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
     metrics = {
         **metrics,
         "losses/sup": sup, "losses/aux": aux, "losses/total": sup + aux,
-        **{f"ggr/{name}": optax.tree.get(opt_state, name) for name in DIAGNOSTICS},
+        **({f"ggr/{name}": optax.tree.get(opt_state, name) for name in DIAGNOSTICS}
+           if ggr.split_gradients else {}),
         "monitors/lr": schedule(state.step),
     }
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
@@ -150,14 +155,8 @@ def _sample_dots_fn(ggr: ml_collections.ConfigDict, lin_fn: Callable, transpose:
   if ggr.per_sample_method == "jvp":
     return lambda directions: jax.vmap(lambda d: lin_fn(d)[2])(directions).T
   zero = jnp.zeros((), terms.dtype)
-  eye = jnp.eye(terms.shape[0], dtype=terms.dtype)
-  pull = jax.vmap(lambda e: transpose((zero, zero, e))[0])
-  mb = ggr.microbatch or terms.shape[0]
-  if terms.shape[0] % mb:
-    raise ValueError(f"config.ggr.microbatch = {mb} must divide the {terms.shape[0]} "
-                     "per-sample auxiliary terms of a batch.")
-  rows = jax.lax.map(pull, eye.reshape(-1, mb, terms.shape[0]))
-  rows = jax.tree.map(lambda r: r.reshape(terms.shape[0], *r.shape[2:]), rows)
+  rows = per_sample.rows_from_pullback(lambda e: transpose((zero, zero, e))[0],
+                                       terms.shape[0], terms.dtype, ggr.microbatch or None)
   return lambda directions: per_sample.dots_from_rows(rows, directions)
 
 
