@@ -29,6 +29,18 @@ def tiny_config(algorithm="fixmatch", mode="vlr", steps=4):
   return cfg
 
 
+def live_aux_config(algorithm="fixmatch", mode="vlr"):
+  """``tiny_config`` accepting every pseudo-label, so the auxiliary loss is live at init."""
+  cfg = tiny_config(algorithm, mode)
+  cfg.fixmatch.p_cutoff = cfg.iomatch.p_cutoff = cfg.iomatch.q_cutoff = 0.0
+  cfg.iomatch.op_warmup_steps = cfg.openmatch.start_fix_steps = 0
+  return cfg
+
+
+def _equal_params(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+
+
 @pytest.fixture(scope="module")
 def split():
   return loop.load_split(tiny_config())
@@ -37,11 +49,7 @@ def split():
 @pytest.mark.parametrize("mode", ["sum", "vlr"])
 @pytest.mark.parametrize("algorithm", sorted(ssl.ALGORITHMS))
 def test_one_step_of_every_algorithm(algorithm, mode, split):
-  cfg = tiny_config(algorithm, mode)
-  # accept every pseudo-label so the auxiliary loss is live at initialisation
-  cfg.fixmatch.p_cutoff = cfg.iomatch.p_cutoff = cfg.iomatch.q_cutoff = 0.0
-  cfg.iomatch.op_warmup_steps = 0
-  cfg.openmatch.start_fix_steps = 0
+  cfg = live_aux_config(algorithm, mode)
   model = build_model("cnn", split.num_classes, ssl.head(algorithm))
   tx = optim.make_optimizer(cfg)
   state = create_train_state(model, tx, split.x_labeled.shape[1:], split.x_unlabeled.shape[0], 0)
@@ -150,9 +158,7 @@ def _one_step(cfg, split):
 
 @pytest.mark.parametrize("algorithm", sorted(ssl.ALGORITHMS))
 def test_per_sample_terms_sum_to_the_auxiliary_loss(algorithm, split):
-  cfg = tiny_config(algorithm)
-  cfg.fixmatch.p_cutoff = cfg.iomatch.p_cutoff = cfg.iomatch.q_cutoff = 0.0
-  cfg.iomatch.op_warmup_steps = cfg.openmatch.start_fix_steps = 0
+  cfg = live_aux_config(algorithm)
   model = build_model("cnn", split.num_classes, ssl.head(algorithm))
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)), train=False)
   views = step_lib.make_views(cfg, split.mean, split.std, None)
@@ -173,13 +179,11 @@ def test_per_sample_terms_sum_to_the_auxiliary_loss(algorithm, split):
 def test_per_sample_step_by_jvp_and_by_rows_agree(algorithm, split):
   results = []
   for method in ("jvp", "materialize"):
-    cfg = tiny_config(algorithm, "vlr")
-    cfg.fixmatch.p_cutoff = cfg.iomatch.p_cutoff = cfg.iomatch.q_cutoff = 0.0
-    cfg.iomatch.op_warmup_steps = 0
+    cfg = live_aux_config(algorithm, "vlr")
     cfg.ggr.update(dict(granularity="per_sample", per_sample_method=method, microbatch=8))
     state, metrics = _one_step(cfg, split)
     results.append((jax.device_get(state.params), jax.device_get(metrics)))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *results)
+  _equal_params(*results)
   metrics = results[0][1]
   for name in ("ggr/sample_conflict", "ggr/sample_conflict_id", "ggr/sample_conflict_ood",
                "ggr/anchor_share_ood", "ggr/conflict_share_ood"):
@@ -188,25 +192,21 @@ def test_per_sample_step_by_jvp_and_by_rows_agree(algorithm, split):
 
 
 def test_sample_diagnostics_leave_a_global_step_unchanged(split):
-  cfg = tiny_config("fixmatch", "vlr")
-  cfg.fixmatch.p_cutoff = 0.0
+  cfg = live_aux_config("fixmatch", "vlr")
   plain_state, plain = _one_step(cfg, split)
   cfg.ggr.sample_diagnostics = True
   diag_state, diag = _one_step(cfg, split)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               plain_state.params, diag_state.params)
+  _equal_params(plain_state.params, diag_state.params)
   assert "ggr/sample_conflict_ood" in diag and "ggr/sample_conflict_ood" not in plain
 
 
 def test_plain_sum_step_with_one_backward_equals_the_split_sum_step(split):
-  cfg = tiny_config("fixmatch", "sum")
-  cfg.fixmatch.p_cutoff = 0.0
+  cfg = live_aux_config("fixmatch", "sum")
   cfg.ggr.aux_weight = 0.5
   split_state, _ = _one_step(cfg, split)
   cfg.ggr.split_gradients = False
   plain_state, metrics = _one_step(cfg, split)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               split_state.params, plain_state.params)
+  _equal_params(split_state.params, plain_state.params)
   assert "ggr/cos_before" not in metrics
   cfg.ggr.mode = "vlr"
   with pytest.raises(config_lib.ConfigError, match="config.ggr.split_gradients = False"):
