@@ -2,7 +2,9 @@
 
 The baseline ``sum`` is the plain semi-supervised step (one backward pass of
 ``sup + aux``); ``sum_split`` computes both gradients without projecting, which
-isolates the cost of the second backward pass from the cost of the geometry.
+isolates the cost of the second backward pass from the cost of the geometry; the
+``*_labeled`` variants take the anchor from a forward and backward of the labeled views
+alone (``ggr.anchor="labeled"``).
 Compilation is timed apart; then ``warmup`` steps, then ``steps`` steps each timed to
 ``block_until_ready`` (median and 10/90th percentiles). The step function must not
 recompile inside the loop: its jit cache size is checked and reported. Peak device
@@ -30,8 +32,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sum": dict(mode="sum", split_gradients=False),  # the plain SSL step: one backward
     "sum_split": dict(mode="sum"),  # both gradients, no projection
     "vlr": dict(mode="vlr"),
+    "vlr_labeled": dict(mode="vlr", anchor="labeled"),  # anchor from the labeled views alone
     "osr_k10": dict(mode="osr", subspace_dim=10),
     "csr_k10": dict(mode="csr", subspace_dim=10),
+    "csr_k10_labeled": dict(mode="csr", subspace_dim=10, anchor="labeled"),
     "vlr_per_sample_jvp": dict(mode="vlr", granularity="per_sample", per_sample_method="jvp"),
     "vlr_per_sample_rows": dict(mode="vlr", granularity="per_sample",
                                 per_sample_method="materialize"),

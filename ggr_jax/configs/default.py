@@ -13,8 +13,13 @@ def get_config() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
   cfg.algorithm = "fixmatch"
 
+  # name: digits (embedded), cifar10, cifar100 (num_id_classes 50 or 20), imagenet30
+  # (in30_labels p1 or p5, images resized to image_size). data_dir: the tfds data
+  # directory or the ImageNet-30 root ("" = the tfds default). max_test_images: evaluate
+  # on the first N test images only (0 = all; smoke runs).
   cfg.dataset = ml_collections.ConfigDict(dict(
-      name="digits", id_classes=(0, 1, 2, 3, 4, 5), labels_per_class=5, test_fraction=0.3))
+      name="digits", id_classes=(0, 1, 2, 3, 4, 5), labels_per_class=5, test_fraction=0.3,
+      num_id_classes=50, in30_labels="p1", image_size=256, data_dir="", max_test_images=0))
   # BatchNorm momentum (PyTorch convention): the official 0.001 averages over ~1000
   # steps, too slow for a 2000-step run; 0.01 keeps eval-mode statistics current.
   cfg.model = ml_collections.ConfigDict(dict(backbone="cnn", bn_momentum=0.01))
@@ -28,7 +33,11 @@ def get_config() -> ml_collections.ConfigDict:
       per_sample_method="jvp", microbatch=0, sample_diagnostics=False,
       # False (mode "sum" only): one backward pass of sup + aux, the plain SSL step,
       # without the rectifier's diagnostics; True computes both gradients.
-      split_gradients=True))
+      split_gradients=True,
+      # where the supervised anchor comes from: "joint" (the forward shared with the
+      # unlabeled views) or "labeled" (a forward of the labeled views alone, with their own
+      # BatchNorm statistics: about labeled/total of the cost of a second backward).
+      anchor="joint"))
   cfg.optim = ml_collections.ConfigDict(dict(
       lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4, ema=0.999))
 

@@ -15,6 +15,7 @@ import ml_collections
 from ggr_jax.ssl import common
 
 VIEWS = {"labeled": {"x_lb": "weak"}, "unlabeled": {"x_ulb_w": "weak", "x_ulb_s": "strong"}}
+LABELED_VIEWS = ("x_lb",)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -22,12 +23,18 @@ def default_config() -> ml_collections.ConfigDict:
       p_cutoff=0.95, lambda_u=1.0, hard_label=False, unsup_warmup_steps=0))
 
 
+def supervised_loss(labeled: list[dict], batch: dict, cfg) -> jnp.ndarray:
+  """``CE(x_lb)`` from the outputs of :data:`LABELED_VIEWS`."""
+  del cfg
+  return common.cross_entropy(labeled[0]["logits"], batch["y_lb"])
+
+
 def losses(apply_fn, params, model_state, batch, rng, step, cfg):
   """``(sup, aux, new_model_state, metrics)``; one forward on labeled, weak and strong."""
   del rng
   (lb, ulb_w, ulb_s), new_state = common.forward_concat(
       apply_fn, params, model_state, [batch["x_lb"], batch["x_ulb_w"], batch["x_ulb_s"]])
-  sup = common.cross_entropy(lb["logits"], batch["y_lb"])
+  sup = supervised_loss([lb], batch, cfg)
   probs = jax.nn.softmax(jax.lax.stop_gradient(ulb_w["logits"]))
   mask = (jnp.max(probs, axis=-1) >= cfg.p_cutoff).astype(probs.dtype)
   targets = jax.nn.one_hot(jnp.argmax(probs, -1), probs.shape[-1], dtype=probs.dtype) \

@@ -19,6 +19,7 @@ import ml_collections
 from ggr_jax.ssl import common
 
 VIEWS = {"labeled": {"x_lb": "weak"}, "unlabeled": {"x_ulb_w": "weak", "x_ulb_s": "strong"}}
+LABELED_VIEWS = ("x_lb",)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -58,6 +59,19 @@ def iomatch_targets(logits_w: jnp.ndarray, logits_mb_w: jnp.ndarray, *, p_cutoff
           "op_weight": q_mask}
 
 
+def supervised_parts(labeled: list[dict], batch: dict, cfg: Any
+                     ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  """``(sup, CE, mb)`` with ``sup = CE + lambda_mb * mb`` on the labeled outputs."""
+  closed = common.cross_entropy(labeled[0]["logits"], batch["y_lb"])
+  mb = common.ova_loss(labeled[0]["logits_mb"], batch["y_lb"])
+  return closed + cfg.lambda_mb * mb, closed, mb
+
+
+def supervised_loss(labeled: list[dict], batch: dict, cfg: Any) -> jnp.ndarray:
+  """The supervised loss from the outputs of :data:`LABELED_VIEWS`."""
+  return supervised_parts(labeled, batch, cfg)[0]
+
+
 def losses(apply_fn: common.ApplyFn, params: Any, model_state: Any,
            batch: dict[str, jnp.ndarray], rng: jax.Array | None, step: Any, cfg: Any
            ) -> tuple[jnp.ndarray, jnp.ndarray, Any, dict[str, jnp.ndarray]]:
@@ -81,9 +95,7 @@ def losses(apply_fn: common.ApplyFn, params: Any, model_state: Any,
   del rng
   (lb, ulb_w, ulb_s), new_model_state = common.forward_concat(
       apply_fn, params, model_state, [batch["x_lb"], batch["x_ulb_w"], batch["x_ulb_s"]])
-  sup_closed = common.cross_entropy(lb["logits"], batch["y_lb"])
-  sup_mb = common.ova_loss(lb["logits_mb"], batch["y_lb"])
-  sup = sup_closed + cfg.lambda_mb * sup_mb
+  sup, sup_closed, sup_mb = supervised_parts([lb], batch, cfg)
 
   t = iomatch_targets(ulb_w["logits"], ulb_w["logits_mb"], p_cutoff=cfg.p_cutoff,
                       q_cutoff=cfg.q_cutoff)

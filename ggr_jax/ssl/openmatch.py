@@ -25,6 +25,7 @@ VIEWS = {
     "unlabeled": {"x_ulb_w0": "weak", "x_ulb_w1": "weak"},
     "selected": {"x_sel_w": "weak", "x_sel_s": "strong"},
 }
+LABELED_VIEWS = ("x_lb_w0", "x_lb_w1")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -33,16 +34,28 @@ def default_config() -> ml_collections.ConfigDict:
       fix_uratio=2, inlier_threshold=0.5))
 
 
+def supervised_parts(labeled: list[dict], batch: dict) -> tuple[jax.Array, jax.Array]:
+  """``(closed CE, OVA)`` over the two weak views of each labeled image."""
+  (lb0, lb1), y = labeled, batch["y_lb"]
+  closed = 0.5 * (common.cross_entropy(lb0["logits"], y) + common.cross_entropy(lb1["logits"], y))
+  ova = common.ova_loss(jnp.concatenate([lb0["logits_ova"], lb1["logits_ova"]]),
+                        jnp.concatenate([y, y]))
+  return closed, ova
+
+
+def supervised_loss(labeled: list[dict], batch: dict, cfg) -> jax.Array:
+  """``closed + OVA`` from the outputs of :data:`LABELED_VIEWS`."""
+  del cfg
+  return sum(supervised_parts(labeled, batch))
+
+
 def losses(apply_fn, params, model_state, batch, rng, step, cfg):
   """``(sup, aux, new_model_state, metrics)`` of OpenMatch."""
   del rng
   parts = [batch[k] for k in ("x_lb_w0", "x_lb_w1", "x_ulb_w0", "x_ulb_w1", "x_sel_w", "x_sel_s")]
   (lb0, lb1, u0, u1, sel_w, sel_s), new_state = common.forward_concat(
       apply_fn, params, model_state, parts)
-  y = batch["y_lb"]
-  closed = 0.5 * (common.cross_entropy(lb0["logits"], y) + common.cross_entropy(lb1["logits"], y))
-  ova = common.ova_loss(jnp.concatenate([lb0["logits_ova"], lb1["logits_ova"]]),
-                        jnp.concatenate([y, y]))
+  closed, ova = supervised_parts([lb0, lb1], batch)
   em_terms = 0.5 * (common.ova_entropy_terms(u0["logits_ova"])
                     + common.ova_entropy_terms(u1["logits_ova"]))
   socr_terms = common.ova_consistency_terms(u0["logits_ova"], u1["logits_ova"])

@@ -13,9 +13,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
-from ggr_jax.ssl import common
+from ggr_jax.ssl import common, fixmatch
 
 VIEWS = {"labeled": {"x_lb": "weak"}, "unlabeled": {"x_ulb_w": "weak"}}
+LABELED_VIEWS = ("x_lb",)
+supervised_loss = fixmatch.supervised_loss
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -24,10 +26,10 @@ def default_config() -> ml_collections.ConfigDict:
 
 def losses(apply_fn, params, model_state, batch, rng, step, cfg):
   """``(sup, aux, new_model_state, metrics)`` with ``aux = 0``."""
-  del rng, step, cfg
+  del rng, step
   (out, _), new_state = common.forward_concat(
       apply_fn, params, model_state, [batch["x_lb"], batch["x_ulb_w"]])
-  sup = common.cross_entropy(out["logits"], batch["y_lb"])
+  sup = supervised_loss([out], batch, cfg)
   terms = jnp.zeros(batch["x_ulb_w"].shape[:1], sup.dtype)
   return sup, jnp.sum(terms), new_state, {
       "losses/sup": sup, **common.per_sample_outputs(terms, batch.get("ulb_is_id"))}

@@ -11,7 +11,8 @@ from ggr_jax.rectify import BASIS_SIGNS, GRANULARITIES, MODES, PER_SAMPLE_MODES,
 from ggr_jax import ssl
 from ggr_jax.models import BACKBONES
 
-DATASETS = ("digits",)
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet30")
+ANCHORS = ("joint", "labeled")
 SCOPES = ("backbone", "all")
 
 
@@ -56,6 +57,24 @@ def _get(cfg, field: str) -> Any:
   return node
 
 
+def _dataset(cfg: ml_collections.ConfigDict) -> None:
+  name = cfg.dataset.name
+  if name != "imagenet30":  # its labeled set comes from the official file lists
+    _positive_int(cfg, "dataset.labels_per_class")
+  if name == "cifar100" and cfg.dataset.num_id_classes not in range(5, 100, 5):
+    _fail("dataset.num_id_classes", cfg.dataset.num_id_classes,
+          "CIFAR-100 takes the first num_id_classes/5 superclasses: use 50 or 20 (any "
+          "multiple of 5 below 100)")
+  if name == "imagenet30":
+    _choice(cfg, "dataset.in30_labels", ("p1", "p5"))
+    _positive_int(cfg, "dataset.image_size")
+  max_test = cfg.dataset.max_test_images
+  if not isinstance(max_test, int) or isinstance(max_test, bool) or max_test < 0:
+    _fail("dataset.max_test_images", max_test, "must be an integer >= 0 (0: every test image)")
+  if not isinstance(cfg.dataset.data_dir, str):
+    _fail("dataset.data_dir", cfg.dataset.data_dir, "must be a path string ('' = default)")
+
+
 def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Raises :class:`ConfigError` naming the first invalid field and its allowed values."""
   _choice(cfg, "algorithm", ssl.ALGORITHMS)
@@ -66,6 +85,10 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   _choice(cfg, "ggr.basis_signs", BASIS_SIGNS)
   _choice(cfg, "ggr.granularity", GRANULARITIES)
   _choice(cfg, "ggr.per_sample_method", ("jvp", "materialize"))
+  _choice(cfg, "ggr.anchor", ANCHORS)
+  if cfg.ggr.anchor == "labeled" and not cfg.ggr.split_gradients:
+    _fail("ggr.anchor", "labeled", "a labeled-only anchor needs the two gradients apart; "
+          "set --config.ggr.split_gradients=True")
   if cfg.ggr.granularity == "per_sample" and cfg.ggr.mode not in PER_SAMPLE_MODES:
     _fail("ggr.mode", cfg.ggr.mode, "granularity 'per_sample' supports modes "
           + ", ".join(map(repr, PER_SAMPLE_MODES)))
@@ -94,7 +117,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _positive_int(cfg, f"train.{field}")
   if not isinstance(cfg.train.seed, int) or cfg.train.seed < 0:
     _fail("train.seed", cfg.train.seed, "must be a non-negative integer")
-  _positive_int(cfg, "dataset.labels_per_class")
+  _dataset(cfg)
   _number(cfg, "dataset.test_fraction", 0.0, 1.0, low_open=True, high_open=True)
   if not 0 <= cfg.augment.pad:
     _fail("augment.pad", cfg.augment.pad, "must be >= 0")

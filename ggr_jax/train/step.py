@@ -92,9 +92,18 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
   per_sample_on = ggr.granularity == "per_sample" or ggr.sample_diagnostics
   scope_fn = optim.scope_fn(ggr)
 
+  labeled_anchor = ggr.anchor == "labeled"
+
   def train_step(state: TrainState, data: dict[str, jax.Array]):
     batch = views(jax.random.fold_in(state.key, 0), state.step, data, state.selected)
     rng = jax.random.fold_in(jax.random.fold_in(state.key, 2), state.step)
+
+    def anchor_grad(batch):
+      # The supervised gradient of a forward of the labeled views alone; the BatchNorm
+      # statistics it computes are discarded (the joint forward's are kept).
+      sup_only = lambda p: ssl.labeled_loss(cfg.algorithm, apply_fn, p, state.batch_stats,
+                                            batch, algo_cfg)[0]
+      return jax.grad(sup_only)(state.params)
 
     def loss_fn(params):
       sup, aux, new_stats, metrics = algo.losses(
@@ -110,8 +119,9 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
           loss_fn, state.params, has_aux=True)
       transpose = jax.linear_transpose(lin_fn, state.params)
       zero_terms = jnp.zeros_like(terms)
-      g_sup, = transpose((jnp.ones_like(sup), jnp.zeros_like(aux), zero_terms))
       g_aux, = transpose((jnp.zeros_like(sup), jnp.ones_like(aux), zero_terms))
+      g_sup = anchor_grad(batch) if labeled_anchor else \
+          transpose((jnp.ones_like(sup), jnp.zeros_like(aux), zero_terms))[0]
       dots = _sample_dots_fn(ggr, lin_fn, transpose, terms)
       anchor = jax.tree.map(lambda g, m: g[None] if m else jnp.zeros_like(g)[None],
                             g_sup, scope_fn(g_sup))
@@ -123,8 +133,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
           loss_fn, state.params, has_aux=True)
       one, zero, zero_terms = jnp.ones_like(sup), jnp.zeros_like(sup), jnp.zeros_like(terms)
       if ggr.split_gradients:
-        g_sup, = vjp_fn((one, zero, zero_terms))
         g_aux, = vjp_fn((zero, one, zero_terms))
+        g_sup = anchor_grad(batch) if labeled_anchor else vjp_fn((one, zero, zero_terms))[0]
       else:  # plain SSL: one backward pass of sup + aux_weight * aux
         g_sup, = vjp_fn((one, jnp.asarray(ggr.aux_weight, sup.dtype), zero_terms))
         g_aux = jax.tree.map(jnp.zeros_like, g_sup)
