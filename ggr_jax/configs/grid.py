@@ -14,8 +14,9 @@ Keys (all optional; defaults in brackets):
   ``pcgrad_sym``, ``conflict_drop``; ``osr``/``csr`` keep ``k = 10`` directions.
 * ``anchor`` [joint]: ``joint`` or ``labeled`` (see ``ggr.anchor`` in :mod:`default`).
 * ``runlocal`` [False]: a smoke run of the same cell with tiny shapes (batch 2,
-  unlabeled ratio 2, 3 steps, evaluation on at most 64 test images, the small CNN in
-  place of WRN/ResNet) that finishes in well under a minute on a CPU.
+  unlabeled ratio 2, 3 steps, evaluation on at most 64 test images, ImageNet-30 at
+  32x32, the small CNN in place of WRN/ResNet) that finishes in well under a minute on
+  a CPU.
 
 The protocol of each data set (official configs, ``shared/reference/ggr_official.md``
 section 6) is set here once: optimiser, weight decay, batch sizes, unlabeled ratio,
@@ -123,7 +124,7 @@ def _runlocal(cfg: ml_collections.ConfigDict) -> None:
   cfg.model.backbone = "cnn"
   cfg.train.update(steps=3, steps_per_epoch=2, batch_size=2, uratio=2, log_every=1,
                    eval_every=3, checkpoint_every=3, eval_batch_size=32)
-  cfg.dataset.max_test_images = 64
+  cfg.dataset.update(max_test_images=64, image_size=32)
   cfg.openmatch.update(fix_uratio=1, start_fix_steps=2)
   cfg.iomatch.op_warmup_steps = 1
 

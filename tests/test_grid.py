@@ -1,0 +1,112 @@
+"""The paper grid from one config function, and the smoke mode of one cell per data set."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from ggr_jax.configs import grid
+from ggr_jax.train import config as config_lib
+from ggr_jax.train import loop
+from tests.test_sources import _fake_in30
+
+
+def _paper_cells():
+  for dataset in ("cifar10", "cifar100_50", "cifar100_20"):
+    for algorithm, mode, labels, seed in itertools.product(
+        ("fixmatch", "iomatch", "openmatch"), grid.MODES, (5, 10, 25), (0, 1, 2)):
+      yield f"algorithm={algorithm},dataset={dataset},labels={labels},seed={seed},ggr={mode}"
+  for algorithm, mode, labels in itertools.product(("iomatch",), grid.MODES, ("p1", "p5")):
+    yield f"algorithm={algorithm},dataset=imagenet30,labels={labels},seed=0,ggr={mode}"
+
+
+def test_every_paper_cell_is_a_valid_config_with_its_own_values():
+  seen = set()
+  for cell in _paper_cells():
+    cfg = grid.get_config(cell)
+    config_lib.validate(cfg, num_devices=1)
+    parsed = grid.parse_cell(cell)
+    assert cfg.algorithm == parsed["algorithm"] and cfg.ggr.mode == parsed["ggr"]
+    assert cfg.train.seed == int(parsed["seed"])
+    seen.add(json.dumps(cfg.to_dict(), sort_keys=True, default=list))
+  assert len(seen) == 3 * 3 * 6 * 3 * 3 + 6 * 2  # no two cells share a config
+
+
+@pytest.mark.parametrize("cell, field, value", [
+    ("dataset=cifar10", "model.backbone", "wrn28_2"),
+    ("dataset=cifar10", "optim.weight_decay", 5e-4),
+    ("dataset=cifar100_50", "optim.weight_decay", 1e-3),
+    ("dataset=cifar100_20", "dataset.num_id_classes", 20),
+    ("dataset=cifar10", "train.steps", 262144),
+    ("dataset=cifar10,algorithm=openmatch", "train.uratio", 2),
+    ("dataset=cifar10,algorithm=iomatch", "train.uratio", 7),
+    ("dataset=cifar10", "augment.pad", 4),
+    ("dataset=imagenet30", "model.backbone", "resnet18_official"),
+    ("dataset=imagenet30", "train.uratio", 3),
+    ("dataset=imagenet30,labels=p5", "dataset.in30_labels", "p5"),
+    ("dataset=digits,labels=10", "dataset.labels_per_class", 10),
+    ("ggr=osr", "ggr.subspace_dim", 10),
+    ("anchor=labeled", "ggr.anchor", "labeled"),
+])
+def test_each_dataset_gets_its_official_protocol(cell, field, value):
+  cfg = grid.get_config(cell)
+  node = cfg
+  for part in field.split("."):
+    node = node[part]
+  assert node == value
+
+
+@pytest.mark.parametrize("cell, message", [
+    ("algorithm=mixmatch", "choose one of supervised"),
+    ("dataset=svhn", "choose one of digits"),
+    ("labels=five", "non-negative integer"),
+    ("dataset=imagenet30,labels=5", "choose one of p1, p5"),
+    ("seed=0,seed=1", "given twice"),
+    ("steps=5", "unknown grid key 'steps'"),
+    ("runlocal=maybe", "True or False"),
+    ("algorithm=supervised,ggr=vlr", "no auxiliary loss"),
+])
+def test_bad_cells_name_the_key_and_the_choices(cell, message):
+  with pytest.raises(ValueError, match=message):
+    grid.get_config(cell)
+
+
+def _smoke(tmp_path, cell, **dataset):
+  cfg = grid.get_config(cell + ",runlocal=True")
+  cfg.dataset.update(dataset)
+  summary = loop.Trainer(cfg, tmp_path / "run", progress=False, devices=jax.devices()[:1]).run()
+  assert summary["steps"] == cfg.train.steps == 3
+  for key in ("closed_acc", "open_bacc", "auroc"):
+    assert 0.0 <= summary[key] <= 1.0
+  return summary
+
+
+def test_smoke_mode_runs_a_digits_cell(tmp_path):
+  _smoke(tmp_path, "algorithm=iomatch,dataset=digits,ggr=csr")
+
+
+@pytest.mark.parametrize("dataset, algorithm", [("cifar10", "fixmatch"), ("cifar100_20", "openmatch")])
+def test_smoke_mode_runs_a_cifar_cell_on_mock_tfds_data(tmp_path, dataset, algorithm):
+  with tfds.testing.mock_data(num_examples=2000, policy=tfds.testing.MockPolicy.USE_CODE):
+    summary = _smoke(tmp_path, f"algorithm={algorithm},dataset={dataset},labels=3,ggr=vlr")
+  k = 6 if dataset == "cifar10" else 20
+  assert len(summary["closed_per_class_acc"]) == k
+
+
+def test_smoke_mode_runs_an_imagenet30_cell_on_a_local_tree(tmp_path):
+  _fake_in30(tmp_path / "in30", per_class=3, test_per_class=1,
+             classes=tuple(f"class{i:02d}" for i in range(30)), k=20)
+  summary = _smoke(tmp_path, "algorithm=iomatch,dataset=imagenet30,ggr=sum",
+                   data_dir=str(tmp_path / "in30"))
+  assert np.isfinite(summary["closed_acc"])
+
+
+def test_imagenet30_without_a_root_is_a_config_error(tmp_path):
+  cfg = grid.get_config("dataset=imagenet30,runlocal=True")
+  with pytest.raises(config_lib.ConfigError, match="dataset.data_dir"):
+    loop.Trainer(cfg, tmp_path / "run", progress=False, devices=jax.devices()[:1])
