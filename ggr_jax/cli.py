@@ -1,9 +1,13 @@
-"""The ``ggr-jax`` command: ``train``, ``eval``, ``diagnostics``, ``bench`` and ``demo``.
+"""The ``ggr-jax`` command: ``train``, ``eval``, ``sweep``, ``diagnostics``, ``bench``, ``demo``.
 
 ``ggr-jax train [--config NAME|PATH] [--config.a.b=value ...] [--workdir DIR]``
-trains (resuming when ``DIR`` holds a checkpoint of the same config); ``ggr-jax eval
+trains (resuming when ``DIR`` holds a checkpoint of the same config; add
+``--coordinator HOST:PORT --num-processes N --process-id I`` on each machine of a
+multi-host run, see ``ggr_jax.train.distributed``); ``ggr-jax eval
 --workdir DIR`` evaluates the newest checkpoint of a run; ``ggr-jax diagnostics
---workdir DIR`` plots where gradient conflict comes from (ID vs OOD samples).
+--workdir DIR`` plots where gradient conflict comes from (ID vs OOD samples);
+``ggr-jax sweep SPEC --root DIR`` trains every cell of a sweep spec (one workdir each,
+skipping finished and resuming interrupted ones) and writes the report (``ggr_jax.sweep``).
 """
 
 from __future__ import annotations
@@ -82,19 +86,34 @@ def _print_results(title: str, result: dict[str, Any]) -> None:
       print(f"  {key:<26}{result[key]:.1f}" if key == "wall_s" else f"  {key:<26}{result[key]}")
 
 
+def _split_distributed_flags(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+  """Takes ``--coordinator/--num-processes/--process-id`` out of the train arguments."""
+  parser = argparse.ArgumentParser(prog="ggr-jax train", add_help=False, allow_abbrev=False)
+  parser.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+  parser.add_argument("--num-processes", type=_positive_int, default=None)
+  parser.add_argument("--process-id", type=int, default=None)
+  known, rest = parser.parse_known_args(argv)
+  return rest, vars(known)
+
+
 def train_main(argv: list[str]) -> int:
   from ggr_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  from ggr_jax.train import distributed  # pylint: disable=import-outside-toplevel
   from ggr_jax.train import loop  # pylint: disable=import-outside-toplevel
 
+  argv, multi_process = _split_distributed_flags(argv)
   cfg, workdir = _parse_train_flags(argv)
   workdir = workdir or _default_workdir(cfg)
   try:
+    distributed.initialize(**multi_process)
     summary = loop.train(cfg, workdir)
-  except config_lib.ConfigError as err:
+  except (config_lib.ConfigError, distributed.DistributedError) as err:
     print(f"ggr-jax train: {err}", file=sys.stderr)
     return 2
   if summary is None:  # stopped by a signal after saving
     return 130
+  if not distributed.is_primary():
+    return 0
   _print_results(f"{cfg.algorithm} + {cfg.ggr.mode}, seed {cfg.train.seed} ({workdir})", summary)
   return 0
 
@@ -171,8 +190,13 @@ def demo_main(argv: list[str]) -> int:
   return 0
 
 
-COMMANDS = {"train": train_main, "eval": eval_main, "diagnostics": diagnostics_main,
-            "bench": bench_main, "demo": demo_main}
+def sweep_main(argv: list[str]) -> int:
+  from ggr_jax import sweep  # pylint: disable=import-outside-toplevel
+  return sweep.main(argv)
+
+
+COMMANDS = {"train": train_main, "eval": eval_main, "sweep": sweep_main,
+            "diagnostics": diagnostics_main, "bench": bench_main, "demo": demo_main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

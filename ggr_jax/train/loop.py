@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import pathlib
 import signal
@@ -16,15 +17,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ggr_jax import evaluate, ssl
-from ggr_jax.data import augment
+from ggr_jax.data import augment, imagenet30, tfds_sources
 from ggr_jax.data.digits import digits_split
 from ggr_jax.data.openset import OpenSetSplit
 from ggr_jax.models import build_model
 from ggr_jax.ssl import openmatch
 from ggr_jax.train import config as config_lib
-from ggr_jax.train import optim, step as step_lib
+from ggr_jax.train import distributed, optim, step as step_lib
 from ggr_jax.train.checkpoint import Checkpointer
-from ggr_jax.train.metrics_log import MetricsLog
+from ggr_jax.train.metrics_log import MetricsLog, NullLog
 from ggr_jax.train.state import TrainState, create_train_state, make_apply_fn
 
 # Fields that may differ when a run resumes (they do not change the trajectory).
@@ -37,9 +38,37 @@ class Interrupted(Exception):
 
 
 def load_split(cfg: ml_collections.ConfigDict) -> OpenSetSplit:
-  ds = cfg.dataset
-  return digits_split(id_classes=tuple(ds.id_classes), labels_per_class=ds.labels_per_class,
-                      seed=cfg.train.seed, test_fraction=ds.test_fraction)
+  """The open-set split of ``cfg.dataset`` (labeled draw from ``cfg.train.seed``)."""
+  ds, seed = cfg.dataset, cfg.train.seed
+  data_dir = ds.data_dir or None
+  if ds.name == "digits":
+    split = digits_split(id_classes=tuple(ds.id_classes), labels_per_class=ds.labels_per_class,
+                         seed=seed, test_fraction=ds.test_fraction)
+  elif ds.name == "cifar10":
+    split = tfds_sources.cifar10_split(labels_per_class=ds.labels_per_class, seed=seed,
+                                       data_dir=data_dir)
+  elif ds.name == "cifar100":
+    split = tfds_sources.cifar100_split(num_id_classes=ds.num_id_classes,
+                                        labels_per_class=ds.labels_per_class, seed=seed,
+                                        data_dir=data_dir)
+  elif ds.name == "imagenet30":
+    if data_dir is None:
+      raise config_lib.ConfigError(
+          "config.dataset.data_dir is empty: ImageNet-30 is read from a local root (the "
+          "official data/imagenet30); set --config.dataset.data_dir=ROOT.")
+    split = imagenet30.imagenet30_split(data_dir, labels=ds.in30_labels,
+                                        image_size=ds.image_size)
+  else:
+    raise config_lib.ConfigError(f"config.dataset.name = {ds.name!r} has no loader.")
+  if ds.max_test_images:
+    split = dataclasses.replace(split, **_first_test_images(split, ds.max_test_images))
+  return split
+
+
+def _first_test_images(split: OpenSetSplit, n: int) -> dict[str, np.ndarray]:
+  """The first ``n`` images of each test split (smoke runs evaluate on a few)."""
+  return {name: getattr(split, name)[:n] for name in
+          ("x_test_id", "y_test_id", "x_test_full", "y_test_full", "test_full_is_id")}
 
 
 def _flat_config(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -67,7 +96,9 @@ def _check_same_run(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> No
       raise config_lib.ConfigError(
           f"{workdir} holds a run with a different config ({', '.join(changed)}); resume it "
           "with the same config or choose a new --workdir.")
-  path.write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True, default=list))
+  distributed.barrier("ggr_jax.config_checked")  # every process read before process 0 writes
+  if distributed.is_primary():
+    path.write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True, default=list))
 
 
 def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
@@ -185,10 +216,11 @@ class Trainer:
     ckpt = Checkpointer(workdir)
     state = self.restore(ckpt)
     start = int(state.step)
-    log = MetricsLog(workdir, resume_step=start)
+    primary = distributed.is_primary()  # the one process that logs, prints and summarizes
+    log = MetricsLog(workdir, resume_step=start) if primary else NullLog()
     data = self._device_data()
     total, pending, last_eval = cfg.train.steps, [], None
-    bar = _progress(start, total, self.progress)
+    bar = _progress(start, total, self.progress and primary)
     t0, wall_start, step = time.perf_counter(), time.perf_counter(), start
     try:
       with _stop_on_signals() as received:
@@ -212,15 +244,17 @@ class Trainer:
             ckpt.save(state)
           if self.on_step is not None:
             self.on_step(step)
-          if received:
-            raise Interrupted(signal.Signals(received[0]).name)
+          if _stop_agreed(received, step, cfg.train.log_every):
+            raise Interrupted(signal.Signals(received[0]).name if received
+                              else "a signal to another process")
     except Interrupted as stop:
       ckpt.save(state)
       ckpt.close()
       log.close()
       bar.close()
-      print(f"\n{stop} received: checkpoint saved at step {int(state.step)} in "
-            f"{workdir / 'checkpoints'}; run the same command to resume.")
+      if primary:
+        print(f"\n{stop} received: checkpoint saved at step {int(state.step)} in "
+              f"{workdir / 'checkpoints'}; run the same command to resume.")
       return None
     ckpt.close()
     log.close()
@@ -228,11 +262,12 @@ class Trainer:
     if last_eval is None:  # resumed a finished run
       last_eval = self.evaluate(state)
     summary = self._summary(last_eval, step, time.perf_counter() - wall_start, start)
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if primary:
+      (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
   def _summary(self, ev: dict[str, Any], step: int, wall: float, start: int) -> dict[str, Any]:
-    history = [r for r in _read_train(self.workdir)]
+    history = _read_train(self.workdir) if distributed.is_primary() else []
     diag = {}
     for k in ("ggr/cos_before", "ggr/conflict", "ggr/aux_norm_kept"):
       values = [r[k] for r in history if isinstance(r.get(k), float)]
@@ -245,8 +280,20 @@ class Trainer:
         "wall_s": wall, "algorithm": self.algorithm, "ggr_mode": self.cfg.ggr.mode,
         "unlabeled_ood_fraction": float(1.0 - np.mean(self.split.unlabeled_is_id)),
         "seed": self.cfg.train.seed, "device": self.mesh.devices.flat[0].device_kind,
-        "num_devices": self.mesh.devices.size, **diag, "config": _flat_config(self.cfg),
+        "num_devices": self.mesh.devices.size, "num_processes": jax.process_count(), **diag,
+        "config": _flat_config(self.cfg),
     }
+
+
+def _stop_agreed(received: list[int], step: int, log_every: int) -> bool:
+  """Whether to stop after ``step``. Processes of a multi-process run agree (any signal
+  stops all) at log steps only, so the stop costs no extra host sync between them."""
+  if jax.process_count() == 1:
+    return bool(received)
+  if step % log_every:
+    return False
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(multihost_utils.process_allgather(np.array(bool(received))).any())
 
 
 def _read_train(workdir: pathlib.Path) -> list[dict[str, Any]]:

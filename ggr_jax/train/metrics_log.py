@@ -45,3 +45,13 @@ def read(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
   """Every record of a run's ``metrics.jsonl``."""
   path = pathlib.Path(workdir) / "metrics.jsonl"
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class NullLog:
+  """What processes other than 0 of a multi-process run log to: nothing."""
+
+  def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
