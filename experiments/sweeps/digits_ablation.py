@@ -1,0 +1,30 @@
+"""The digits ablation: {FixMatch, IOMatch, OpenMatch} x the six modes x five seeds, plus
+FixMatch + vlr with the supervised anchor from the labeled views alone.
+
+``ggr-jax sweep experiments/sweeps/digits_ablation.py --root runs/digits_ablation``
+
+A shortened digits protocol so that the 95 runs fit on 2 CPU cores: ``STEPS`` steps
+(cosine schedule over them), an "epoch" of ``STEPS // 20`` steps (IOMatch's open-set loss
+starts after one, OpenMatch's FixMatch stage after ten), evaluation at the end. Everything
+else is the ``grid`` digits cell (small CNN, 5 labels per known digit, batch 32 labeled +
+224 unlabeled).
+"""
+
+from ggr_jax import sweep
+
+STEPS = 600
+SEEDS = [0, 1, 2, 3, 4]
+MODES = ["sum", "vlr", "osr", "csr", "pcgrad_sym", "conflict_drop"]
+OVERRIDES = {"train.steps": STEPS, "train.steps_per_epoch": STEPS // 20, "train.log_every": 50,
+             "train.eval_every": STEPS, "train.checkpoint_every": STEPS // 2}
+
+
+def get_sweep(arg=None):
+  del arg
+  cells = sweep.product("grid", algorithm=["fixmatch", "iomatch", "openmatch"], ggr=MODES,
+                        dataset="digits", seed=SEEDS, overrides=OVERRIDES,
+                        name="{algorithm}-{ggr}-s{seed}")
+  cells += sweep.product("grid", algorithm="fixmatch", ggr="vlr", anchor="labeled",
+                         dataset="digits", seed=SEEDS, overrides=OVERRIDES,
+                         name="{algorithm}-{ggr}-anchor_labeled-s{seed}")
+  return cells
