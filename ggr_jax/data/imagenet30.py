@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 
 from ggr_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from ggr_jax.data.openset import OpenSetSplit
+from ggr_jax.data.openset import OpenSetSplit, assemble_split
 
 NUM_ID_CLASSES = 20
 LABELED_LISTS = ("p1", "p5")
@@ -125,11 +125,6 @@ def load_images(paths: Sequence[pathlib.Path], image_size: int, *, centre_crop: 
   return out
 
 
-def _readonly(array: np.ndarray) -> np.ndarray:
-  array.flags.writeable = False
-  return array
-
-
 def _check_files(paths: Sequence[pathlib.Path], list_name: str) -> None:
   missing = [p for p in paths if not p.is_file()]
   if missing:
@@ -195,23 +190,6 @@ def imagenet30_split(root: str | os.PathLike, *, labels: str = "p1", image_size:
 
   x_train = load_images(train_paths, image_size, centre_crop=False, num_workers=num_workers)
   x_test = load_images(test_paths, image_size, centre_crop=True, num_workers=num_workers)
-  test_is_id = y_test < k
-  return OpenSetSplit(
-      x_labeled=_readonly(x_train[labeled_index]),
-      y_labeled=_readonly(y_lb.copy()),
-      x_unlabeled=_readonly(x_train),
-      y_unlabeled=_readonly(mapping[y_train]),
-      unlabeled_is_id=_readonly(y_train < k),
-      x_test_id=_readonly(x_test[test_is_id]),
-      y_test_id=_readonly(y_test[test_is_id]),
-      x_test_full=_readonly(x_test),
-      y_test_full=_readonly(np.minimum(y_test, k).astype(np.int32)),
-      test_full_is_id=_readonly(test_is_id),
-      num_classes=k,
-      id_classes=tuple(range(k)),
-      ood_classes=ood_classes,
-      labeled_index=_readonly(labeled_index),
-      mean=IMAGENET_MEAN,
-      std=IMAGENET_STD,
-      name=f"imagenet30_{labels}",
-  )
+  return assemble_split(x_train, mapping[y_train], x_test, mapping[y_test], labeled_index,
+                        num_classes=k, id_classes=tuple(range(k)), ood_classes=ood_classes,
+                        mean=IMAGENET_MEAN, std=IMAGENET_STD, name=f"imagenet30_{labels}")

@@ -229,24 +229,39 @@ def make_openset_split(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndar
       for c in range(k)
   ]).astype(np.int64)
 
-  unlabeled_is_id = y_train_mapped < k
-  test_full_is_id = y_test_mapped < k
+  return assemble_split(x_train, y_train_mapped, x_test, y_test_mapped, labeled_index,
+                        num_classes=k, id_classes=id_classes, ood_classes=ood_classes,
+                        mean=mean, std=std, name=name)
+
+
+def assemble_split(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                   y_test: np.ndarray, labeled_index: np.ndarray, *, num_classes: int,
+                   id_classes: tuple[int, ...], ood_classes: tuple[int, ...],
+                   mean: tuple[float, ...], std: tuple[float, ...], name: str) -> OpenSetSplit:
+  """The :class:`OpenSetSplit` of already remapped labels (ID ``0..K-1``, OOD ``>= K``).
+
+  The unlabeled set is all of ``x_train``; ``labeled_index`` picks the labeled rows;
+  the test split is cut into its ID part and the full split with OOD labels set to K.
+  """
+  k = num_classes
+  unlabeled_is_id = y_train < k
+  test_full_is_id = y_test < k
   return OpenSetSplit(
       x_labeled=_readonly(x_train[labeled_index]),
-      y_labeled=_readonly(y_train_mapped[labeled_index]),
+      y_labeled=_readonly(y_train[labeled_index]),
       x_unlabeled=_readonly(x_train),
-      y_unlabeled=_readonly(y_train_mapped),
+      y_unlabeled=_readonly(y_train),
       unlabeled_is_id=_readonly(unlabeled_is_id),
       x_test_id=_readonly(x_test[test_full_is_id]),
-      y_test_id=_readonly(y_test_mapped[test_full_is_id]),
+      y_test_id=_readonly(y_test[test_full_is_id]),
       x_test_full=_readonly(x_test),
-      y_test_full=_readonly(np.minimum(y_test_mapped, k).astype(np.int32)),
+      y_test_full=_readonly(np.minimum(y_test, k).astype(np.int32)),
       test_full_is_id=_readonly(test_full_is_id),
       num_classes=k,
-      id_classes=id_classes,
-      ood_classes=ood_classes,
+      id_classes=tuple(id_classes),
+      ood_classes=tuple(ood_classes),
       labeled_index=_readonly(labeled_index),
-      mean=mean,
-      std=std,
+      mean=tuple(mean),
+      std=tuple(std),
       name=name,
   )
