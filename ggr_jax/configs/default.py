@@ -23,7 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
   # BatchNorm momentum (PyTorch convention): the official 0.001 averages over ~1000
   # steps, too slow for a 2000-step run; 0.01 keeps eval-mode statistics current.
   cfg.model = ml_collections.ConfigDict(dict(backbone="cnn", bn_momentum=0.01))
-  cfg.augment = ml_collections.ConfigDict(dict(pad=1, flip=False, num_ops=3, cutout=0.5))
+  # crop: 0 keeps the stored size; N > 0 crops N x N windows (weak: random crop, strong:
+  # random-resized crop, evaluation: centre crop), as for ImageNet-30 (256 -> 224).
+  cfg.augment = ml_collections.ConfigDict(dict(pad=1, flip=False, num_ops=3, cutout=0.5,
+                                               crop=0))
 
   cfg.ggr = ml_collections.ConfigDict(dict(
       mode="vlr", alpha=1.0, aux_weight=1.0, scope="backbone", subspace_dim=10,

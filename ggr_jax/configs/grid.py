@@ -99,7 +99,7 @@ def _dataset_protocol(cfg: ml_collections.ConfigDict, dataset: str, labels: str)
     cfg.dataset.in30_labels = labels
     cfg.model.update(backbone="resnet18_official", bn_momentum=0.1)
     cfg.train.update(steps=200 * EPOCH, uratio=3, eval_batch_size=128)
-    cfg.augment.pad = 0
+    cfg.augment.update(pad=0, crop=224)  # 256 -> random 224 crops, centre crop to test
     return
   cfg.dataset.labels_per_class = int(labels)
   cfg.model.backbone = "wrn28_2"
@@ -125,6 +125,8 @@ def _runlocal(cfg: ml_collections.ConfigDict) -> None:
   cfg.train.update(steps=3, steps_per_epoch=2, batch_size=2, uratio=2, log_every=1,
                    eval_every=3, checkpoint_every=3, eval_batch_size=32)
   cfg.dataset.update(max_test_images=64, image_size=32)
+  if cfg.augment.crop:
+    cfg.augment.crop = 28
   cfg.openmatch.update(fix_uratio=1, start_fix_steps=2)
   cfg.iomatch.op_warmup_steps = 1
 

@@ -122,6 +122,11 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   if not 0 <= cfg.augment.pad:
     _fail("augment.pad", cfg.augment.pad, "must be >= 0")
   _positive_int(cfg, "augment.num_ops")
+  crop = cfg.augment.crop
+  if not isinstance(crop, int) or isinstance(crop, bool) or crop < 0:
+    _fail("augment.crop", crop, "must be an integer >= 0 (0: no crop)")
+  if crop and cfg.dataset.name == "imagenet30" and crop > cfg.dataset.image_size:
+    _fail("augment.crop", crop, f"must not exceed dataset.image_size = {cfg.dataset.image_size}")
   _number(cfg, "augment.cutout", 0.0, 1.0)
   for block, field in (("fixmatch", "p_cutoff"), ("iomatch", "p_cutoff"), ("iomatch", "q_cutoff"),
                        ("openmatch", "p_cutoff"), ("openmatch", "inlier_threshold")):

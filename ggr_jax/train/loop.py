@@ -149,7 +149,7 @@ class Trainer:
     self.replicated = NamedSharding(self.mesh, P())
     mean, std = self.split.mean, self.split.std
     self.train_step = step_lib.make_train_step(cfg, self.model, self.tx, mean, std, self.mesh)
-    self.forward = step_lib.make_eval_forward(self.model, mean, std)
+    self.forward = step_lib.make_eval_forward(self.model, mean, std, cfg.augment.crop)
     self._score_unlabeled = self._make_inlier_scorer(mean, std)
 
   # -- pieces ------------------------------------------------------------------------
@@ -172,7 +172,8 @@ class Trainer:
 
     @jax.jit
     def score(params, batch_stats, images, key):
-      x = augment.weak_augment(key, images.astype(jnp.float32) / 255.0, pad=aug.pad, flip=aug.flip)
+      x = step_lib.crop_images(key, images.astype(jnp.float32) / 255.0, aug.crop, "random")
+      x = augment.weak_augment(key, x, pad=aug.pad, flip=aug.flip)
       outputs, _ = apply_fn(params, batch_stats, augment.normalize(x, mean, std), False)
       return openmatch.select_inliers(outputs, self.cfg.openmatch.inlier_threshold)
 

@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ggr_jax import per_sample, ssl
-from ggr_jax.data import augment, sampling
+from ggr_jax.data import augment, crops, sampling
 from ggr_jax.train import optim
 from ggr_jax.train.state import TrainState, make_apply_fn
 
@@ -69,14 +69,30 @@ def make_views(cfg: ml_collections.ConfigDict, mean, std, mesh: Mesh | None) -> 
       for v, (name, view) in enumerate(names.items()):
         k = jax.random.fold_in(aug_key, 10 * s + v)
         if view == "weak":
-          out = augment.weak_augment(k, images, pad=aug.pad, flip=aug.flip)
+          out = augment.weak_augment(k, crop_images(k, images, aug.crop, "random"), pad=aug.pad,
+                                     flip=aug.flip)
         else:
-          out = augment.strong_augment(k, images, pad=aug.pad, flip=aug.flip,
-                                       num_ops=aug.num_ops, cutout=aug.cutout)
+          out = augment.strong_augment(k, crop_images(k, images, aug.crop, "random_resized"),
+                                       pad=aug.pad, flip=aug.flip, num_ops=aug.num_ops,
+                                       cutout=aug.cutout)
         batch[name] = shard(augment.normalize(out, mean, std))
     return batch
 
   return views
+
+
+def crop_images(key: jax.Array, images: jax.Array, size: int, kind: str) -> jax.Array:
+  """``images`` cropped to ``size`` (0: unchanged) by ``crops.<kind>_crop``."""
+  if not size:
+    return images
+  if kind == "center":
+    return crops.center_crop(images, size)
+  key = jax.random.fold_in(key, 7)
+  if kind == "random":
+    return crops.random_crop(key, images, size)
+  if kind == "random_resized":
+    return crops.random_resized_crop(key, images, size)
+  raise ValueError(f"unknown crop kind {kind!r}")
 
 
 def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTransformation,
@@ -170,14 +186,15 @@ def _sample_dots_fn(ggr: ml_collections.ConfigDict, lin_fn: Callable, transpose:
   return lambda directions: per_sample.dots_from_rows(rows, directions)
 
 
-def make_eval_forward(model, mean, std) -> Callable:
-  """Jitted eval-mode forward of uint8 images with given params and BN statistics."""
+def make_eval_forward(model, mean, std, crop: int = 0) -> Callable:
+  """Jitted eval-mode forward of uint8 images (centre-cropped to ``crop`` if > 0)."""
   apply_fn = make_apply_fn(model)
   mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
   @jax.jit
   def forward(params, batch_stats, images):
-    x = augment.normalize(images.astype(jnp.float32) / 255.0, mean, std)
+    images = crop_images(None, images.astype(jnp.float32), crop, "center")
+    x = augment.normalize(images / 255.0, mean, std)
     outputs, _ = apply_fn(params, batch_stats, x, False)
     return outputs
 
