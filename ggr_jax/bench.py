@@ -10,6 +10,12 @@ Compilation is timed apart; then ``warmup`` steps, then ``steps`` steps each tim
 recompile inside the loop: its jit cache size is checked and reported. Peak device
 memory comes from ``Device.memory_stats()`` where the backend exposes it (GPU/TPU; CPU
 reports none).
+
+``sum_stream`` is the ``sum`` step fed by the host input pipeline (``train.input =
+"stream"``: uint8 batches gathered on the host and prefetched to device), so its ratio
+to ``sum`` shows whether the step waits for its input. The pipeline rows (``--pipeline``)
+time the host pipeline alone, draining prefetched batches without a step, and set its
+images/s against the images/s the ``sum`` step consumes.
 """
 
 from __future__ import annotations
@@ -22,8 +28,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from jax.sharding import Mesh
+
 from ggr_jax import ssl
 from ggr_jax.configs import default
+from ggr_jax.data.stream import HostStream
 from ggr_jax.models import build_model
 from ggr_jax.train import optim, step as step_lib
 from ggr_jax.train.state import create_train_state
@@ -31,6 +40,7 @@ from ggr_jax.train.state import create_train_state
 VARIANTS: dict[str, dict[str, Any]] = {
     "sum": dict(mode="sum", split_gradients=False),  # the plain SSL step: one backward
     "sum_split": dict(mode="sum"),  # both gradients, no projection
+    "sum_stream": dict(mode="sum", split_gradients=False, input="stream"),
     "vlr": dict(mode="vlr"),
     "vlr_labeled": dict(mode="vlr", anchor="labeled"),  # anchor from the labeled views alone
     "osr_k10": dict(mode="osr", subspace_dim=10),
@@ -44,24 +54,32 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
+  """A step shape; ``rows`` unlabeled images of synthetic data (0: four batches' worth),
+  stored at ``image_shape`` and cropped to ``crop`` on device (0: no crop)."""
   backbone: str
   image_shape: tuple[int, int, int]
   batch_size: int
   uratio: int
   num_classes: int = 6
+  crop: int = 0
+  rows: int = 0
 
 
 WORKLOADS = {
     "digits_cnn": Workload("cnn", (8, 8, 1), 32, 7),
     "wrn28_2_cpu": Workload("wrn28_2", (32, 32, 3), 4, 7),
-    "wrn28_2_paper": Workload("wrn28_2", (32, 32, 3), 64, 7),
+    "wrn28_2_paper": Workload("wrn28_2", (32, 32, 3), 64, 7, rows=50_000),  # CIFAR's size
+    # ImageNet-30's protocol: 256 x 256 storage, 224 crops, uratio 3 (a fifth of its rows)
+    "resnet18_in30": Workload("resnet18", (256, 256, 3), 64, 3, num_classes=20, crop=224,
+                              rows=8_000),
     "tiny": Workload("cnn", (8, 8, 1), 8, 1),
 }
 
 
 def _synthetic_data(work: Workload, seed: int = 0) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
-  n_lab, n_ulb = max(4 * work.batch_size, 64), max(4 * work.batch_size * work.uratio, 256)
+  n_lab = max(4 * work.batch_size, 64)
+  n_ulb = work.rows or max(4 * work.batch_size * work.uratio, 256)
   return {
       "x_labeled": rng.integers(0, 256, (n_lab, *work.image_shape), dtype=np.uint8),
       "y_labeled": rng.integers(0, work.num_classes, n_lab).astype(np.int32),
@@ -75,10 +93,16 @@ def _config(algorithm: str, work: Workload, variant: dict[str, Any]):
   cfg.algorithm = algorithm
   cfg.model.backbone = work.backbone
   cfg.train.update(dict(batch_size=work.batch_size, uratio=work.uratio, steps=100_000))
-  if work.image_shape[0] == 32:
-    cfg.augment.update(dict(pad=4, flip=True))
+  if work.image_shape[0] >= 32:
+    cfg.augment.update(dict(pad=4, flip=True, crop=work.crop))
+  variant = dict(variant)
+  cfg.train.input = variant.pop("input", "device")
   cfg.ggr.update(variant)
   return cfg
+
+
+def _mesh() -> Mesh:
+  return Mesh(np.array(jax.local_devices()[:1]), ("data",))
 
 
 def time_step(algorithm: str, work: Workload, variant: dict[str, Any], steps: int = 20,
@@ -88,23 +112,25 @@ def time_step(algorithm: str, work: Workload, variant: dict[str, Any], steps: in
   model = build_model(work.backbone, work.num_classes, ssl.head(algorithm),
                       bn_momentum=cfg.model.bn_momentum)
   tx = optim.make_optimizer(cfg)
-  data = jax.device_put(_synthetic_data(work))
-  state = create_train_state(model, tx, work.image_shape, data["x_unlabeled"].shape[0], 0)
+  host = _synthetic_data(work)
+  state = create_train_state(model, tx, work.image_shape, host["x_unlabeled"].shape[0], 0)
   step = step_lib.make_train_step(cfg, model, tx, (0.5,) * work.image_shape[-1],
                                   (0.25,) * work.image_shape[-1])
+  feed = _feed(cfg, host, state)
   start = time.perf_counter()
-  state, _ = step(state, data)
+  state, _ = step(state, feed(0))
   jax.block_until_ready(state)
   compile_s = time.perf_counter() - start
-  for _ in range(warmup):
-    state, _ = step(state, data)
+  for i in range(warmup):
+    state, _ = step(state, feed(1 + i))
   jax.block_until_ready(state)
   times = []
-  for _ in range(steps):
+  for i in range(steps):
     start = time.perf_counter()
-    state, _ = step(state, data)
+    state, _ = step(state, feed(1 + warmup + i))
     jax.block_until_ready(state)
     times.append(time.perf_counter() - start)
+  feed.close()
   stats = jax.devices()[0].memory_stats() or {}
   ms = np.array(times) * 1e3
   return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
@@ -113,8 +139,60 @@ def time_step(algorithm: str, work: Workload, variant: dict[str, Any], steps: in
           "peak_bytes": stats.get("peak_bytes_in_use")}
 
 
+class _Resident:
+  def __init__(self, data):
+    self.data = data
+
+  def __call__(self, step: int):  # pylint: disable=unused-argument
+    return self.data
+
+  def close(self):
+    pass
+
+
+class _Streamed:
+  def __init__(self, stream: HostStream):
+    self.stream = stream
+
+  def __call__(self, step: int):
+    return self.stream.next(step)
+
+  def close(self):
+    self.stream.close()
+
+
+def _feed(cfg, host: dict[str, np.ndarray], state):
+  if cfg.train.input == "device":
+    return _Resident(jax.device_put(host))
+  selected = np.ones(host["x_unlabeled"].shape[0], bool) if cfg.algorithm == "openmatch" else None
+  return _Streamed(HostStream(host, jax.random.fold_in(state.key, 0), step_lib.source_sizes(cfg),
+                              _mesh(), 0, selected=selected, prefetch=cfg.train.prefetch))
+
+
+def time_pipeline(algorithm: str, work: Workload, steps: int = 20, warmup: int = 3,
+                  prefetch: int = 2) -> dict[str, Any]:
+  """The host pipeline alone: raw batches per second drained from a prefetching stream."""
+  cfg = _config(algorithm, work, {})
+  cfg.train.prefetch = prefetch
+  host = _synthetic_data(work)
+  sizes = step_lib.source_sizes(cfg)
+  selected = np.ones(host["x_unlabeled"].shape[0], bool) if "selected" in sizes else None
+  with HostStream(host, jax.random.PRNGKey(0), sizes, _mesh(), 0, selected=selected,
+                  prefetch=prefetch) as stream:
+    for i in range(warmup):
+      jax.block_until_ready(stream.next(i))
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+      jax.block_until_ready(stream.next(i))
+    elapsed = time.perf_counter() - start
+  images = sum(sizes.values())
+  return {"images_per_batch": images, "batches_per_s": steps / elapsed,
+          "images_per_s": images * steps / elapsed,
+          "mib_per_s": images * np.prod(work.image_shape) * steps / elapsed / 2**20}
+
+
 def run(workloads: list[str], algorithms: list[str], variants: list[str], steps: int = 20,
-        warmup: int = 3, verbose: bool = True) -> dict[str, Any]:
+        warmup: int = 3, verbose: bool = True, pipeline: bool = False) -> dict[str, Any]:
   """Benchmarks every cell and returns the JSON-ready report."""
   for name in workloads:
     if name not in WORKLOADS:
@@ -145,7 +223,23 @@ def run(workloads: list[str], algorithms: list[str], variants: list[str], steps:
         report["results"].append(row)
         if verbose:
           print(format_row(row), flush=True)
+      if pipeline:
+        row = {"workload": wname, "algorithm": algorithm, "workload_config": dataclasses.asdict(work),
+               **time_pipeline(algorithm, work, steps, warmup)}
+        if base is not None:
+          row["step_images_per_s"] = row["images_per_batch"] / (base["median_ms"] / 1e3)
+          row["pipeline_to_step"] = row["images_per_s"] / row["step_images_per_s"]
+        report.setdefault("pipeline", []).append(row)
+        if verbose:
+          print(format_pipeline_row(row), flush=True)
   return report
+
+
+def format_pipeline_row(row: dict[str, Any]) -> str:
+  step = (f"  step consumes {row['step_images_per_s']:9.0f} img/s  pipeline/step "
+          f"x{row['pipeline_to_step']:.1f}" if "step_images_per_s" in row else "")
+  return (f"{row['workload']:<14}{row['algorithm']:<10}{'host pipeline':<22}"
+          f"{row['images_per_s']:9.0f} img/s ({row['mib_per_s']:.0f} MiB/s){step}")
 
 
 def format_row(row: dict[str, Any]) -> str:

@@ -161,14 +161,18 @@ def bench_main(argv: list[str]) -> int:
   parser.add_argument("--workloads", default="digits_cnn,wrn28_2_cpu",
                       help=f"comma list of {sorted(bench.WORKLOADS)}")
   parser.add_argument("--algorithms", default="fixmatch,iomatch", help="comma list")
-  parser.add_argument("--variants", default=",".join(bench.VARIANTS), help="comma list")
+  parser.add_argument("--variants", default=",".join(bench.VARIANTS),
+                      help="comma list ('' for none, e.g. with --pipeline)")
+  parser.add_argument("--pipeline", action="store_true",
+                      help="also time the host input pipeline alone against the sum step")
   parser.add_argument("--steps", type=_positive_int, default=20, help="timed steps per cell")
   parser.add_argument("--warmup", type=_positive_int, default=3)
   parser.add_argument("--json", default=None, help="write the report here")
   args = parser.parse_args(argv)
   try:
     report = bench.run(args.workloads.split(","), args.algorithms.split(","),
-                       args.variants.split(","), args.steps, args.warmup)
+                       [v for v in args.variants.split(",") if v], args.steps, args.warmup,
+                       pipeline=args.pipeline)
   except ValueError as err:
     print(f"ggr-jax bench: {err}", file=sys.stderr)
     return 2

@@ -48,6 +48,7 @@ def test_every_paper_cell_is_a_valid_config_with_its_own_values():
     ("dataset=cifar10", "augment.pad", 4),
     ("dataset=imagenet30", "model.backbone", "resnet18_official"),
     ("dataset=imagenet30", "train.uratio", 3),
+    ("dataset=imagenet30", "train.input", "stream"),
     ("dataset=imagenet30,labels=p5", "dataset.in30_labels", "p5"),
     ("dataset=digits,labels=10", "dataset.labels_per_class", 10),
     ("ggr=osr", "ggr.subspace_dim", 10),

@@ -83,9 +83,11 @@ def test_two_step_loop_on_digits_writes_its_outputs(tmp_path):
   assert any(p.name.startswith("events") for p in (tmp_path / "tb").iterdir())
 
 
-@pytest.mark.parametrize("algorithm", ["fixmatch", "openmatch"])
-def test_interrupted_run_resumes_exactly(tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm, data_input", [("fixmatch", "device"),
+                                                    ("openmatch", "stream")])
+def test_interrupted_run_resumes_exactly(tmp_path, algorithm, data_input):
   cfg = tiny_config(algorithm, "vlr", steps=6)
+  cfg.train.input = data_input
   full = loop.train(cfg, tmp_path / "full", progress=False)
 
   def interrupt(step):
@@ -122,7 +124,8 @@ def test_one_and_eight_devices_agree(tmp_path, algorithm):
   states = []
   for n in (1, 8):
     trainer = loop.Trainer(cfg, tmp_path / str(n), progress=False, devices=jax.devices()[:n])
-    state, data = trainer._initial_state(), trainer._device_data()  # pylint: disable=protected-access
+    state = trainer._initial_state()  # pylint: disable=protected-access
+    data = jax.device_put(trainer._split_arrays(), trainer.replicated)  # pylint: disable=protected-access
     for _ in range(2):
       state, metrics = trainer.train_step(state, data)
     states.append((jax.device_get(state.params), jax.device_get(metrics)))

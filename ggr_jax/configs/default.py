@@ -44,9 +44,14 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.optim = ml_collections.ConfigDict(dict(
       lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4, ema=0.999))
 
+  # input: "device" puts the whole split on device and samples each batch inside the
+  # step; "stream" keeps it in host memory and streams each step's uint8 batch (every
+  # process gathers its own shards), prefetch batches ahead (ggr_jax.data.stream). Both
+  # feed the same batches.
   cfg.train = ml_collections.ConfigDict(dict(
       seed=0, steps=2000, steps_per_epoch=100, batch_size=32, uratio=7,
-      log_every=50, eval_every=500, checkpoint_every=500, eval_batch_size=256))
+      log_every=50, eval_every=500, checkpoint_every=500, eval_batch_size=256,
+      input="device", prefetch=2))
 
   epoch = cfg.train.get_ref("steps_per_epoch")
   cfg.fixmatch = fixmatch.default_config()

@@ -100,6 +100,8 @@ def _dataset_protocol(cfg: ml_collections.ConfigDict, dataset: str, labels: str)
     cfg.model.update(backbone="resnet18_official", bn_momentum=0.1)
     cfg.train.update(steps=200 * EPOCH, uratio=3, eval_batch_size=128)
     cfg.augment.update(pad=0, crop=224)  # 256 -> random 224 crops, centre crop to test
+    # 7.6 GB of uint8 images stay in host memory; each step's batch is streamed.
+    cfg.train.input = "stream"
     return
   cfg.dataset.labels_per_class = int(labels)
   cfg.model.backbone = "wrn28_2"

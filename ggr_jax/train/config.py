@@ -112,8 +112,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   _number(cfg, "optim.momentum", 0.0, 1.0, high_open=True)
   _number(cfg, "optim.weight_decay", 0.0, float("inf"), high_open=True)
   _number(cfg, "optim.ema", 0.0, 1.0, high_open=True)
+  _choice(cfg, "train.input", ("device", "stream"))
   for field in ("steps", "steps_per_epoch", "batch_size", "uratio", "log_every", "eval_every",
-                "checkpoint_every", "eval_batch_size"):
+                "checkpoint_every", "eval_batch_size", "prefetch"):
     _positive_int(cfg, f"train.{field}")
   if not isinstance(cfg.train.seed, int) or cfg.train.seed < 0:
     _fail("train.seed", cfg.train.seed, "must be a non-negative integer")

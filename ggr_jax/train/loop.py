@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ggr_jax import evaluate, ssl
 from ggr_jax.data import augment, imagenet30, tfds_sources
+from ggr_jax.data.stream import HostStream
 from ggr_jax.data.digits import digits_split
 from ggr_jax.data.openset import OpenSetSplit
 from ggr_jax.models import build_model
@@ -30,6 +31,7 @@ from ggr_jax.train.state import TrainState, create_train_state, make_apply_fn
 
 # Fields that may differ when a run resumes (they do not change the trajectory).
 RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every",
+                     "train.input", "train.prefetch",
                      "train.eval_batch_size")
 
 
@@ -153,11 +155,19 @@ class Trainer:
     self._score_unlabeled = self._make_inlier_scorer(mean, std)
 
   # -- pieces ------------------------------------------------------------------------
-  def _device_data(self) -> dict[str, jax.Array]:
+  def _split_arrays(self) -> dict[str, np.ndarray]:
     s = self.split
-    data = {"x_labeled": s.x_labeled, "y_labeled": s.y_labeled.astype(np.int32),
+    return {"x_labeled": s.x_labeled, "y_labeled": s.y_labeled.astype(np.int32),
             "x_unlabeled": s.x_unlabeled, "unlabeled_is_id": s.unlabeled_is_id}
-    return jax.device_put(data, self.replicated)
+
+  def _feed(self, state: TrainState, start: int):
+    """What the step reads: the split on device, or the host stream of raw batches."""
+    if self.cfg.train.input == "device":
+      return _ResidentData(jax.device_put(self._split_arrays(), self.replicated))
+    key = jax.random.fold_in(_host_copy(state.key), 0)
+    selected = _host_copy(state.selected) if self.algorithm == "openmatch" else None
+    return HostStream(self._split_arrays(), key, step_lib.source_sizes(self.cfg), self.mesh,
+                      start, selected=selected, prefetch=self.cfg.train.prefetch)
 
   def _initial_state(self) -> TrainState:
     s = self.split
@@ -170,25 +180,41 @@ class Trainer:
     mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
     aug = self.cfg.augment
 
+    def view(key, image):  # one image's weak view, from its own key
+      x = step_lib.crop_images(key, image[None].astype(jnp.float32) / 255.0, aug.crop, "random")
+      return augment.weak_augment(key, x, pad=aug.pad, flip=aug.flip)[0]
+
     @jax.jit
-    def score(params, batch_stats, images, key):
-      x = step_lib.crop_images(key, images.astype(jnp.float32) / 255.0, aug.crop, "random")
-      x = augment.weak_augment(key, x, pad=aug.pad, flip=aug.flip)
+    def score(params, batch_stats, images, key, first_row):
+      rows = first_row + jnp.arange(images.shape[0])
+      x = jax.vmap(view)(jax.vmap(lambda r: jax.random.fold_in(key, r))(rows), images)
       outputs, _ = apply_fn(params, batch_stats, augment.normalize(x, mean, std), False)
       return openmatch.select_inliers(outputs, self.cfg.openmatch.inlier_threshold)
 
     return score
 
-  def _maybe_select_inliers(self, state: TrainState) -> TrainState:
-    """OpenMatch: the EMA model re-selects inliers at every epoch boundary from start_fix."""
+  def _maybe_select_inliers(self, state: TrainState, feed) -> TrainState:
+    """OpenMatch: the EMA model re-selects inliers at every epoch boundary from start_fix,
+    scoring the unlabeled set in ``eval_batch_size`` chunks (fixed shapes, bounded memory;
+    each image's weak view has its own key, so the chunk size does not change the result)."""
     if self.algorithm != "openmatch":
       return state
     step, cfg = int(state.step), self.cfg
     if step < cfg.openmatch.start_fix_steps or step % cfg.train.steps_per_epoch:
       return state
     key = jax.random.fold_in(jax.random.fold_in(state.key, 3), step)
-    selected = self._score_unlabeled(state.ema_params, state.batch_stats,
-                                     self.split.x_unlabeled, key)
+    images, size = self.split.x_unlabeled, cfg.train.eval_batch_size
+    parts = []
+    for begin in range(0, images.shape[0], size):
+      part = images[begin:begin + size]
+      rows = part.shape[0]
+      if rows < size:
+        part = np.concatenate([part, np.zeros((size - rows, *part.shape[1:]), part.dtype)])
+      flags = self._score_unlabeled(state.ema_params, state.batch_stats, part, key,
+                                    np.int32(begin))
+      parts.append(_host_copy(flags)[:rows])
+    selected = np.concatenate(parts)
+    feed.restart(step, selected)
     return state.replace(selected=jax.device_put(selected, self.replicated))
 
   def evaluate(self, state: TrainState) -> dict[str, Any]:
@@ -219,15 +245,15 @@ class Trainer:
     start = int(state.step)
     primary = distributed.is_primary()  # the one process that logs, prints and summarizes
     log = MetricsLog(workdir, resume_step=start) if primary else NullLog()
-    data = self._device_data()
+    feed = self._feed(state, start)
     total, pending, last_eval = cfg.train.steps, [], None
     bar = _progress(start, total, self.progress and primary)
     t0, wall_start, step = time.perf_counter(), time.perf_counter(), start
     try:
       with _stop_on_signals() as received:
         while step < total:
-          state = self._maybe_select_inliers(state)
-          state, metrics = self.train_step(state, data)
+          state = self._maybe_select_inliers(state, feed)
+          state, metrics = self.train_step(state, feed.next(step))
           pending.append(metrics)
           step += 1
           if step % cfg.train.log_every == 0 or step == total:
@@ -257,6 +283,8 @@ class Trainer:
         print(f"\n{stop} received: checkpoint saved at step {int(state.step)} in "
               f"{workdir / 'checkpoints'}; run the same command to resume.")
       return None
+    finally:
+      feed.close()
     ckpt.close()
     log.close()
     bar.close()
@@ -284,6 +312,27 @@ class Trainer:
         "num_devices": self.mesh.devices.size, "num_processes": jax.process_count(), **diag,
         "config": _flat_config(self.cfg),
     }
+
+
+class _ResidentData:
+  """``train.input="device"``: the whole split on device; the step samples its batch."""
+
+  def __init__(self, data: dict[str, jax.Array]):
+    self.data = data
+
+  def next(self, step: int) -> dict[str, jax.Array]:  # pylint: disable=unused-argument
+    return self.data
+
+  def restart(self, step: int, selected=None) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def _host_copy(array: jax.Array) -> np.ndarray:
+  """This process's copy of a replicated array (also in a multi-process run)."""
+  return np.asarray(array.addressable_data(0))
 
 
 def _stop_agreed(received: list[int], step: int, log_every: int) -> bool:

@@ -34,10 +34,13 @@ def batch_sizes(cfg: ml_collections.ConfigDict) -> dict[str, int]:
           "selected": b * cfg.openmatch.fix_uratio}
 
 
-def make_views(cfg: ml_collections.ConfigDict, mean, std, mesh: Mesh | None) -> Callable:
-  """``views(key, step, data, selected) -> batch``: indices, augmentation, normalisation."""
+def make_augment_views(cfg: ml_collections.ConfigDict, mean, std, mesh: Mesh | None) -> Callable:
+  """``views(key, step, raw) -> batch``: augmentation and normalisation of a raw batch.
+
+  ``raw`` is :func:`ggr_jax.data.sampling.gather_rows`'s output: uint8 images per
+  source and their label rows, gathered on device or streamed from the host.
+  """
   spec = ssl.get(cfg.algorithm).VIEWS
-  sizes = batch_sizes(cfg)
   aug = cfg.augment
   mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
@@ -46,26 +49,11 @@ def make_views(cfg: ml_collections.ConfigDict, mean, std, mesh: Mesh | None) -> 
       return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data")))
 
-  def views(key, step, data, selected):
-    stream_key, aug_key = jax.random.fold_in(key, 0), jax.random.fold_in(jax.random.fold_in(key, 1), step)
-    batch = {}
+  def views(key, step, raw):
+    aug_key = jax.random.fold_in(jax.random.fold_in(key, 1), step)
+    batch = {name: shard(raw[name]) for name in raw if name not in spec}  # labels, is_id
     for s, (source, names) in enumerate(spec.items()):
-      if source == "labeled":
-        idx = sampling.epoch_stream_indices(jax.random.fold_in(stream_key, s), step,
-                                            sizes[source], data["x_labeled"].shape[0])
-        images, batch["y_lb"] = data["x_labeled"][idx], shard(data["y_labeled"][idx])
-      else:
-        n = data["x_unlabeled"].shape[0]
-        if source == "unlabeled":
-          idx = sampling.epoch_stream_indices(jax.random.fold_in(stream_key, s), step,
-                                              sizes[source], n)
-        else:
-          idx = sampling.masked_indices(jax.random.fold_in(aug_key, 100 + s), selected,
-                                        sizes[source])
-        images = data["x_unlabeled"][idx]
-        prefix = "ulb" if source == "unlabeled" else "sel"
-        batch[f"{prefix}_is_id"] = shard(data["unlabeled_is_id"][idx])
-      images = shard(images.astype(jnp.float32) / 255.0)
+      images = shard(raw[source].astype(jnp.float32) / 255.0)
       for v, (name, view) in enumerate(names.items()):
         k = jax.random.fold_in(aug_key, 10 * s + v)
         if view == "weak":
@@ -79,6 +67,26 @@ def make_views(cfg: ml_collections.ConfigDict, mean, std, mesh: Mesh | None) -> 
     return batch
 
   return views
+
+
+def make_views(cfg: ml_collections.ConfigDict, mean, std, mesh: Mesh | None) -> Callable:
+  """``views(key, step, data, selected) -> batch``: sample from device data, then augment."""
+  augment_views = make_augment_views(cfg, mean, std, mesh)
+  return lambda key, step, data, selected: augment_views(
+      key, step, sample_on_device(cfg, key, step, data, selected))
+
+
+def source_sizes(cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  """Rows per source of one batch, in the algorithm's source order."""
+  sizes = batch_sizes(cfg)
+  return {source: sizes[source] for source in ssl.get(cfg.algorithm).VIEWS}
+
+
+def sample_on_device(cfg: ml_collections.ConfigDict, key, step, data, selected) -> dict:
+  """The raw batch of ``step`` gathered from the device-resident ``data``."""
+  counts = {name: data[name].shape[0] for name in ("x_labeled", "x_unlabeled")}
+  indices = sampling.batch_indices(key, step, source_sizes(cfg), counts, selected)
+  return sampling.gather_rows(data, indices)
 
 
 def crop_images(key: jax.Array, images: jax.Array, size: int, kind: str) -> jax.Array:
@@ -97,10 +105,14 @@ def crop_images(key: jax.Array, images: jax.Array, size: int, kind: str) -> jax.
 
 def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTransformation,
                     mean, std, mesh: Mesh | None = None) -> Callable:
-  """A jitted ``train_step(state, data) -> (state, metrics)`` with the state donated."""
+  """A jitted ``train_step(state, data) -> (state, metrics)`` with the state donated.
+
+  ``data`` is the whole split on device (``train.input="device"``: the step samples its
+  batch) or the raw batch of this step (``"stream"``: :class:`ggr_jax.data.stream.HostStream`).
+  """
   algo, algo_cfg = ssl.get(cfg.algorithm), algorithm_config(cfg)
   apply_fn = make_apply_fn(model)
-  views = make_views(cfg, mean, std, mesh)
+  views = make_augment_views(cfg, mean, std, mesh)
   schedule = optim.usb_cosine_schedule(cfg.optim.lr, cfg.train.steps)
   ema_keep = cfg.optim.ema
 
@@ -110,8 +122,12 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
 
   labeled_anchor = ggr.anchor == "labeled"
 
+  streamed = cfg.train.input == "stream"
+
   def train_step(state: TrainState, data: dict[str, jax.Array]):
-    batch = views(jax.random.fold_in(state.key, 0), state.step, data, state.selected)
+    key = jax.random.fold_in(state.key, 0)
+    raw = data if streamed else sample_on_device(cfg, key, state.step, data, state.selected)
+    batch = views(key, state.step, raw)
     rng = jax.random.fold_in(jax.random.fold_in(state.key, 2), state.step)
 
     def anchor_grad(batch):

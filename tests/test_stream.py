@@ -1,0 +1,157 @@
+"""The host input pipeline feeds exactly the batches the device path samples."""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from ggr_jax import ssl
+from ggr_jax.data import sampling
+from ggr_jax.data.stream import HostStream, _EpochStreams
+from ggr_jax.train import config as config_lib, loop, step as step_lib
+from ggr_jax.train.checkpoint import Checkpointer
+from tests.test_train import tiny_config
+
+
+def _split(n_lab=12, n_ulb=40, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"x_labeled": rng.integers(0, 256, (n_lab, 8, 8, 1), dtype=np.uint8),
+          "y_labeled": rng.integers(0, 6, n_lab).astype(np.int32),
+          "x_unlabeled": rng.integers(0, 256, (n_ulb, 8, 8, 1), dtype=np.uint8),
+          "unlabeled_is_id": rng.random(n_ulb) < 0.5}
+
+
+@pytest.mark.parametrize("batch, n", [(4, 12), (8, 8), (12, 5), (3, 40)])
+def test_host_epoch_stream_equals_the_device_function(batch, n):
+  key = jax.random.PRNGKey(7)
+  host = _EpochStreams()
+  for step in [0, 1, 2, 3, 9, 10, 57]:
+    expected = np.asarray(jax.jit(sampling.epoch_stream_indices, static_argnums=(2, 3))(
+        key, step, batch, n))
+    np.testing.assert_array_equal(host(key, step, batch, n), expected)
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+def test_stream_batches_equal_the_device_gathered_batches(devices):
+  if jax.device_count() < devices:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  split, key = _split(), jax.random.PRNGKey(3)
+  sizes = {"labeled": 4, "unlabeled": 8, "selected": 4}
+  selected = np.arange(40) % 3 == 0
+  mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
+  counts = {"x_labeled": 12, "x_unlabeled": 40}
+
+  @jax.jit
+  def on_device(data, step, mask):
+    return sampling.gather_rows(data, sampling.batch_indices(key, step, sizes, counts, mask))
+
+  with HostStream(split, key, sizes, mesh, start_step=5, selected=selected, prefetch=3) as feed:
+    for step in range(5, 12):
+      streamed, expected = feed.next(step), on_device(split, step, selected)
+      assert sorted(streamed) == sorted(expected)
+      for name in expected:
+        np.testing.assert_array_equal(np.asarray(streamed[name]), np.asarray(expected[name]),
+                                      err_msg=name)
+        assert streamed[name].sharding.mesh.devices.size == devices
+  rows = feed.indices(5, selected)["selected"]
+  assert selected[rows].all() and len(set(rows.tolist())) == len(rows)
+
+
+def test_each_device_receives_its_own_contiguous_rows():
+  if jax.device_count() < 4:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  split = _split()
+  split["y_labeled"] = np.arange(12, dtype=np.int32)  # label = row, to read rows back
+  mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+  with HostStream(split, jax.random.PRNGKey(0), {"labeled": 8}, mesh, 0) as feed:
+    indices = feed.indices(0, None)["labeled"]
+    labels = feed.next(0)["y_lb"]
+  for shard in labels.addressable_shards:
+    np.testing.assert_array_equal(np.asarray(shard.data), indices[shard.index[0]])
+
+
+def test_restart_drops_prefetched_batches_and_uses_the_new_mask():
+  split, key = _split(), jax.random.PRNGKey(1)
+  sizes = {"labeled": 4, "unlabeled": 4, "selected": 8}
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  first, second = np.zeros(40, bool), np.zeros(40, bool)
+  first[:5], second[30:] = True, True
+  with HostStream(split, key, sizes, mesh, 0, selected=first, prefetch=4) as feed:
+    assert set(feed.indices(0, first)["selected"].tolist()) <= set(range(5))
+    feed.next(0)
+    feed.restart(1, second)
+    rows = np.asarray(feed.next(1)["selected"])
+  np.testing.assert_array_equal(rows, split["x_unlabeled"][feed.indices(1, second)["selected"]])
+  assert set(feed.indices(1, second)["selected"].tolist()) <= set(range(30, 40))
+
+
+def test_out_of_order_steps_and_bad_arguments_are_refused():
+  split, key = _split(), jax.random.PRNGKey(0)
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  with HostStream(split, key, {"labeled": 4}, mesh, 0) as feed:
+    with pytest.raises(RuntimeError, match="call restart"):
+      feed.next(3)
+    with pytest.raises(ValueError, match="one flag per unlabeled image"):
+      feed.restart(0, np.ones(7, bool))
+  with pytest.raises(ValueError, match="prefetch"):
+    HostStream(split, key, {"labeled": 4}, mesh, 0, prefetch=0)
+  with pytest.raises(ValueError, match="inlier mask"):
+    HostStream(split, key, {"labeled": 4, "selected": 4}, mesh, 0)
+  if jax.device_count() >= 8:
+    with pytest.raises(ValueError, match="does not split over the 8 devices"):
+      HostStream(split, key, {"labeled": 4}, Mesh(np.array(jax.devices()[:8]), ("data",)), 0)
+
+
+def test_a_failing_gather_surfaces_in_the_training_thread():
+  split = _split()
+  split["x_unlabeled"] = split["x_unlabeled"][:0]  # no rows to draw from
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  with HostStream(split, jax.random.PRNGKey(0), {"unlabeled": 4}, mesh, 0) as feed:
+    with pytest.raises(RuntimeError, match="host input pipeline failed"):
+      feed.next(0)
+
+
+def test_close_stops_the_producer_thread():
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  feed = HostStream(_split(), jax.random.PRNGKey(0), {"labeled": 4}, mesh, 0, prefetch=2)
+  feed.close()
+  assert not any(t.name == "ggr_jax-host-stream" and t.is_alive() for t in threading.enumerate())
+
+
+def test_input_mode_is_validated():
+  cfg = tiny_config()
+  cfg.train.input = "disk"
+  with pytest.raises(config_lib.ConfigError, match="train.input = 'disk'"):
+    config_lib.validate(cfg, num_devices=1)
+
+
+@pytest.mark.parametrize("algorithm", sorted(ssl.ALGORITHMS))
+def test_streamed_training_equals_device_sampled_training(algorithm, tmp_path):
+  """Whole runs (OpenMatch re-selecting inliers at every epoch) end bit-identical."""
+  params = []
+  for mode in ("device", "stream"):
+    cfg = tiny_config(algorithm, "vlr", steps=6)
+    cfg.train.input = mode
+    trainer = loop.Trainer(cfg, tmp_path / mode, progress=False, devices=jax.devices()[:2])
+    trainer.run()
+    params.append(_final_params(trainer, tmp_path / mode))
+  initial = jax.device_get(trainer._initial_state().params)  # pylint: disable=protected-access
+  assert max(float(np.max(np.abs(a - b))) for a, b in
+             zip(jax.tree.leaves(params[0]), jax.tree.leaves(initial))) > 1e-4
+  jax.tree.map(np.testing.assert_array_equal, params[0], params[1])
+
+
+def _final_params(trainer, workdir):
+  ckpt = Checkpointer(workdir)
+  state = trainer.restore(ckpt)
+  ckpt.close()
+  return jax.device_get(state.params)
+
+
+def test_step_sizes_follow_the_algorithm_sources():
+  assert list(step_lib.source_sizes(tiny_config("openmatch"))) == list(
+      ssl.get("openmatch").VIEWS)
