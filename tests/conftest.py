@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 
 import numpy as np
 import pytest
@@ -12,6 +13,19 @@ import pytest
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The suite compiles far more than it computes: cheap LLVM code generation halves the
+# compile time of a train step (no test measures speed).
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += (" --xla_backend_optimization_level=0"
+                              " --xla_llvm_disable_expensive_passes=true")
+
+# Many tests build the same small programs in fresh closures (one Trainer each), which jit
+# caches apart; a persistent compilation cache shared by the session (and its
+# subprocesses) compiles each program once. Set JAX_COMPILATION_CACHE_DIR to keep one.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ggr_jax_tests_xla_")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("GGR_SHARED", REPO.parent / "shared"))

@@ -43,8 +43,11 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict[str, str]:
+  keep = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")  # the session's compile cache
   env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("JAX_", "SLURM_", "OMPI_", "GGR_JAX_")) and "proxy" not in k.lower()}
+         if (k in keep or not k.startswith(("JAX_", "SLURM_", "OMPI_", "GGR_JAX_")))
+         and "proxy" not in k.lower()}
   env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {XLA_FAST}",
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
   return env
@@ -87,11 +90,15 @@ def _load(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     return {k: data[k] for k in data.files if not k.startswith("__")}, meta
 
 
-def test_two_processes_train_the_same_params_as_one_process_with_two_devices(tmp_path):
+@pytest.mark.parametrize("data_input", ["device", "stream"])
+def test_two_processes_train_the_same_params_as_one_process_with_two_devices(tmp_path,
+                                                                             data_input):
+  """With ``stream`` each process gathers only its half of every batch on the host."""
   addr = f"127.0.0.1:{_free_port()}"
   multi = tmp_path / "multi"
   jobs = [(tmp_path / f"proc{i}.npz", multi, 1,
-           ["--coordinator", addr, "--num-processes", "2", "--process-id", str(i)])
+           ["--coordinator", addr, "--num-processes", "2", "--process-id", str(i),
+            f"--config.train.input={data_input}"])
           for i in range(2)]
   jobs.append((tmp_path / "single.npz", tmp_path / "single", 2, []))
   _run_all(jobs)

@@ -39,16 +39,24 @@ def make_apply_fn(model: nn.Module) -> Callable:
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, image_shape,
                        num_unlabeled: int, seed: int) -> TrainState:
-  """Initialises parameters, BN statistics, optimizer state and the EMA copy."""
-  key = jax.random.PRNGKey(seed)
-  variables = model.init(jax.random.fold_in(key, 0), jnp.zeros((2, *image_shape)), train=False)
-  params = variables["params"]
-  return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      batch_stats=variables.get("batch_stats", {}),
-      opt_state=tx.init(params),
-      ema_params=jax.tree.map(jnp.copy, params),
-      key=jax.random.fold_in(key, 1),
-      selected=jnp.ones((num_unlabeled,), bool),
-  )
+  """Initialises parameters, BN statistics, optimizer state and the EMA copy.
+
+  One compiled program (op-by-op initialisation compiles every op of the network).
+  """
+
+  @jax.jit
+  def init(key):
+    variables = model.init(jax.random.fold_in(key, 0), jnp.zeros((2, *image_shape)),
+                           train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        ema_params=jax.tree.map(jnp.copy, params),
+        key=jax.random.fold_in(key, 1),
+        selected=jnp.ones((num_unlabeled,), bool),
+    )
+
+  return init(jax.random.PRNGKey(seed))

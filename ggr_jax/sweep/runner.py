@@ -1,0 +1,233 @@
+"""Running a sweep: plan the cells, start them on their slots, stop cleanly, report."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+from ggr_jax.sweep.placement import Slot, make_slots
+from ggr_jax.sweep.spec import (Cell, SweepError, cell_state, checkpoint_step, load_spec,
+                                resolve_config)
+
+
+@dataclasses.dataclass
+class Outcome:
+  """A cell's state before the sweep (``done``/``resume``/``new``) and what became of it.
+
+  ``status``: ``done`` (skipped), ``trained``, ``resumed``, ``interrupted`` (checkpoint
+  saved; the next sweep resumes it), ``failed`` (see ``log``) or ``pending`` (not started).
+  """
+  cell: Cell
+  workdir: pathlib.Path
+  before: str
+  from_step: int = 0
+  status: str = "pending"
+  rc: int | None = None
+  wall_s: float = 0.0
+  slot: str = ""
+
+  @property
+  def log(self) -> pathlib.Path:
+    return self.workdir / "log.txt"
+
+  def summary(self) -> dict[str, Any]:
+    path = self.workdir / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def plan(cells: list[Cell], root: str | pathlib.Path) -> list[Outcome]:
+  """Loads and validates every cell's config and classifies its workdir, before any run.
+
+  Raises :class:`SweepError` listing every bad cell (config errors, foreign workdirs).
+  """
+  root = pathlib.Path(root).absolute()
+  outcomes, errors = [], []
+  for cell in cells:
+    try:
+      state, step = cell_state(root / cell.name, resolve_config(cell))
+    except SweepError as err:
+      errors.append(str(err))
+      continue
+    outcomes.append(Outcome(cell, root / cell.name, state, step,
+                            status="done" if state == "done" else "pending"))
+  if errors:
+    more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+    raise SweepError(f"{len(errors)} of {len(cells)} cells cannot run:\n  "
+                     + "\n  ".join(errors[:10]) + more)
+  return outcomes
+
+
+def _start(outcome: Outcome, slot: Slot) -> subprocess.Popen:
+  outcome.workdir.mkdir(parents=True, exist_ok=True)
+  command = outcome.cell.command(outcome.workdir)
+  env = {**os.environ, **slot.env, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "30"}
+  log = outcome.log.open("a")
+  log.write(f"=== ggr-jax sweep {time.strftime('%Y-%m-%d %H:%M:%S')} on {slot.label}: "
+            f"{' '.join(command)}\n")
+  log.flush()
+  cpus = slot.cpus
+  preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+  try:
+    # A session of its own: a terminal's Ctrl-C reaches the sweep only, which stops the
+    # cells with SIGTERM (the train loop saves a checkpoint and exits 130).
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                            preexec_fn=preexec)
+  finally:
+    log.close()
+
+
+def _finished(outcome: Outcome, rc: int, stopping: bool) -> str:
+  if rc == 0 and (outcome.workdir / "summary.json").exists():
+    return "resumed" if outcome.before == "resume" else "trained"
+  if rc == 130 or (stopping and rc in (-signal.SIGTERM, -signal.SIGKILL)):
+    return "interrupted"
+  return "failed"
+
+
+def run_sweep(outcomes: list[Outcome], slots: list[Slot],
+              echo: Callable[[str], None] = print) -> bool:
+  """Runs the cells not done, one per free slot; returns True if stopped by a signal.
+
+  The first SIGINT/SIGTERM stops launching and sends SIGTERM to the running cells (they
+  checkpoint and exit); a second one kills them.
+  """
+  queue = collections.deque(o for o in outcomes if o.status != "done")
+  total, started = len(queue), 0
+  running: dict[int, tuple[subprocess.Popen, Outcome, float]] = {}
+  received: list[int] = []
+  terminated = killed = False
+  handlers = {}
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    try:
+      handlers[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+    except ValueError:  # not the main thread
+      pass
+  try:
+    while running or (queue and not received):
+      for k, slot in enumerate(slots):
+        if k not in running and queue and not received:
+          outcome = queue.popleft()
+          started += 1
+          outcome.slot = slot.label
+          running[k] = (_start(outcome, slot), outcome, time.perf_counter())
+          what = f"resume from step {outcome.from_step}" if outcome.before == "resume" else "train"
+          echo(f"[{started}/{total}] {outcome.cell.name}: {what} on {slot.label}")
+      for k, (proc, outcome, t0) in list(running.items()):
+        rc = proc.poll()
+        if rc is None:
+          continue
+        del running[k]
+        outcome.rc, outcome.wall_s = rc, time.perf_counter() - t0
+        outcome.status = _finished(outcome, rc, bool(received))
+        tail = f" (exit {rc}; log {outcome.log})" if outcome.status == "failed" else ""
+        echo(f"  {outcome.cell.name}: {outcome.status} in {outcome.wall_s:.0f} s{tail}")
+      if received and running and not terminated:
+        echo(f"{signal.Signals(received[0]).name}: stopping {len(running)} running cells "
+             "(they save a checkpoint; the next ggr-jax sweep resumes them)")
+        for proc, _, _ in running.values():
+          proc.send_signal(signal.SIGTERM)
+        terminated = True
+      if len(received) > 1 and running and not killed:
+        echo("second signal: killing the running cells")
+        for proc, _, _ in running.values():
+          proc.kill()
+        killed = True
+      time.sleep(0.2)
+  finally:
+    for sig, old in handlers.items():
+      signal.signal(sig, old)
+  return bool(received)
+
+
+def status_table(outcomes: list[Outcome]) -> str:
+  """One line per cell: status, steps, closed accuracy, wall time, and the log of a failure."""
+  width = max(len("cell"), *(len(o.cell.name) for o in outcomes))
+  lines = [f"{'cell':<{width}}  {'status':<11}  {'steps':>6}  {'closed_acc':>10}  "
+           f"{'wall_s':>7}  log"]
+  for o in outcomes:
+    s = o.summary() if o.status in ("done", "trained", "resumed") else {}
+    acc = f"{s['closed_acc']:.4f}" if isinstance(s.get("closed_acc"), float) else "-"
+    steps = s.get("steps", checkpoint_step(o.workdir) or "-")
+    wall = f"{o.wall_s:.0f}" if o.wall_s else "-"
+    log = str(o.log) if o.status in ("failed", "interrupted") else ""
+    lines.append(f"{o.cell.name:<{width}}  {o.status:<11}  {steps:>6}  {acc:>10}  {wall:>7}  {log}")
+  return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="ggr-jax sweep", description="train every cell of a sweep spec, then write the report")
+  parser.add_argument("spec", nargs="?", help="PATH.py[:ARG] or a name in ggr_jax/configs "
+                      "defining get_sweep() (not needed with --report-only)")
+  parser.add_argument("--root", required=True, help="sweep directory: one workdir per cell")
+  parser.add_argument("--devices", default="auto", choices=("auto", "all", "per-run"),
+                      help="auto: one cell per GPU/TPU chip, else --parallel CPU cells; "
+                      "all: one cell at a time over every device")
+  parser.add_argument("--parallel", type=int, default=None,
+                      help="at most N cells at a time (CPU: each on its share of the cores)")
+  parser.add_argument("--only", action="append", default=[], metavar="SUBSTR",
+                      help="only the cells whose name contains SUBSTR (repeatable)")
+  parser.add_argument("--dry-run", action="store_true", help="print the plan and the commands")
+  parser.add_argument("--report-only", action="store_true",
+                      help="only (re)write the report from the summaries under --root")
+  parser.add_argument("--no-report", action="store_true", help="do not write the report")
+  return parser
+
+
+def _write_report(root: pathlib.Path) -> int:
+  from ggr_jax import report  # pylint: disable=import-outside-toplevel
+  try:
+    paths = report.write_report(root)
+  except (ValueError, FileNotFoundError) as err:
+    print(f"ggr-jax sweep: no report: {err}", file=sys.stderr)
+    return 2
+  print("report: " + ", ".join(str(p) for p in paths.values()))
+  return 0
+
+
+def main(argv: list[str]) -> int:
+  """``ggr-jax sweep``: exit 0 if every cell is done, 1 if one failed, 2 on a bad spec or
+  placement, 130 if stopped by a signal."""
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  root = pathlib.Path(args.root)
+  if args.report_only:
+    return _write_report(root)
+  if not args.spec:
+    parser.error("SPEC is required (or give --report-only)")
+  try:
+    cells = load_spec(args.spec)
+    if args.only:
+      cells = [c for c in cells if any(s in c.name for s in args.only)]
+      if not cells:
+        raise SweepError(f"--only {' '.join(args.only)} matches no cell of {args.spec}.")
+    slots = make_slots(args.devices, args.parallel)
+    outcomes = plan(cells, root)
+  except SweepError as err:
+    print(f"ggr-jax sweep: {err}", file=sys.stderr)
+    return 2
+  counts = collections.Counter(o.before for o in outcomes)
+  print(f"{len(outcomes)} cells in {root}: {counts['done']} done, {counts['resume']} to resume, "
+        f"{counts['new']} to train; {len(slots)} at a time ({', '.join(s.label for s in slots)})")
+  if args.dry_run:
+    for o in outcomes:
+      if o.before != "done":
+        print(f"  {o.before:<6} {o.cell.name}: {' '.join(o.cell.command(o.workdir))}")
+    return 0
+  interrupted = run_sweep(outcomes, slots)
+  print("\n" + status_table(outcomes))
+  if not args.no_report and any(o.status in ("done", "trained", "resumed") for o in outcomes):
+    _write_report(root)
+  if interrupted:
+    return 130
+  return 1 if any(o.status not in ("done", "trained", "resumed") for o in outcomes) else 0
