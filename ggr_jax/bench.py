@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ggr_jax import ssl
 from ggr_jax.configs import default
@@ -113,10 +113,14 @@ def time_step(algorithm: str, work: Workload, variant: dict[str, Any], steps: in
                       bn_momentum=cfg.model.bn_momentum)
   tx = optim.make_optimizer(cfg)
   host = _synthetic_data(work)
-  state = create_train_state(model, tx, work.image_shape, host["x_unlabeled"].shape[0], 0)
+  mesh = _mesh()
+  replicated = NamedSharding(mesh, P())
+  state = jax.device_put(
+      create_train_state(model, tx, work.image_shape, host["x_unlabeled"].shape[0], 0),
+      replicated)
   step = step_lib.make_train_step(cfg, model, tx, (0.5,) * work.image_shape[-1],
-                                  (0.25,) * work.image_shape[-1])
-  feed = _feed(cfg, host, state)
+                                  (0.25,) * work.image_shape[-1], mesh)
+  feed = _feed(cfg, host, state, mesh)
   start = time.perf_counter()
   state, _ = step(state, feed(0))
   jax.block_until_ready(state)
@@ -161,12 +165,13 @@ class _Streamed:
     self.stream.close()
 
 
-def _feed(cfg, host: dict[str, np.ndarray], state):
+def _feed(cfg, host: dict[str, np.ndarray], state, mesh: Mesh):
+  """The step's data argument per step, as the training loop feeds it."""
   if cfg.train.input == "device":
-    return _Resident(jax.device_put(host))
+    return _Resident(jax.device_put(host, NamedSharding(mesh, P())))
   selected = np.ones(host["x_unlabeled"].shape[0], bool) if cfg.algorithm == "openmatch" else None
   return _Streamed(HostStream(host, jax.random.fold_in(state.key, 0), step_lib.source_sizes(cfg),
-                              _mesh(), 0, selected=selected, prefetch=cfg.train.prefetch))
+                              mesh, 0, selected=selected, prefetch=cfg.train.prefetch))
 
 
 def time_pipeline(algorithm: str, work: Workload, steps: int = 20, warmup: int = 3,

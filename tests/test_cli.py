@@ -55,13 +55,17 @@ def test_train_and_eval_commands_on_digits(tmp_path, capsys):
 def test_bench_runs_end_to_end_and_writes_valid_json(tmp_path, capsys):
   path = tmp_path / "bench.json"
   rc = cli.main(["bench", "--workloads", "tiny", "--algorithms", "fixmatch", "--variants",
-                 "sum,vlr,vlr_per_sample_jvp", "--steps", "2", "--warmup", "1",
-                 "--json", str(path)])
+                 "sum,sum_stream,vlr,vlr_per_sample_jvp", "--steps", "2", "--warmup", "1",
+                 "--pipeline", "--json", str(path)])
   assert rc == 0
   report = json.loads(path.read_text())
   assert report["platform"] == "cpu" and report["jax_version"]
   rows = {r["variant"]: r for r in report["results"]}
-  assert set(rows) == {"sum", "vlr", "vlr_per_sample_jvp"}
+  assert set(rows) == {"sum", "sum_stream", "vlr", "vlr_per_sample_jvp"}
+  pipeline, = report["pipeline"]
+  assert pipeline["images_per_batch"] == 16 and pipeline["images_per_s"] > 0
+  assert pipeline["pipeline_to_step"] == pytest.approx(
+      pipeline["images_per_s"] / (16 / (rows["sum"]["median_ms"] / 1e3)))
   assert all(r["compilations"] == 1 and r["median_ms"] > 0 for r in rows.values())
   assert rows["vlr"]["ratio_to_sum"] > 0 and rows["sum"]["ratio_to_sum"] == 1.0
   assert "vlr_per_sample_jvp" in capsys.readouterr().out

@@ -138,6 +138,7 @@ def test_streamed_training_equals_device_sampled_training(algorithm, tmp_path):
     cfg.train.input = mode
     trainer = loop.Trainer(cfg, tmp_path / mode, progress=False, devices=jax.devices()[:2])
     trainer.run()
+    assert trainer.train_step._cache_size() == 1  # pylint: disable=protected-access
     params.append(_final_params(trainer, tmp_path / mode))
   initial = jax.device_get(trainer._initial_state().params)  # pylint: disable=protected-access
   assert max(float(np.max(np.abs(a - b))) for a, b in
