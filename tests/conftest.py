@@ -28,6 +28,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def with_optimized_code(jitted):
+  """``jitted`` compiled at full XLA code-generation effort, for the few compute-heavy
+  tests (the suite's default is cheap code generation, see above)."""
+  options = {"xla_backend_optimization_level": 2, "xla_llvm_disable_expensive_passes": False}
+  return lambda *args: jitted.lower(*args).compile(compiler_options=options)(*args)
 SHARED = pathlib.Path(os.environ.get("GGR_SHARED", REPO.parent / "shared"))
 
 

@@ -25,7 +25,7 @@ import pytest
 import ggr_jax
 from ggr_jax.models import convert
 from ggr_jax.ssl import iomatch
-from tests.conftest import shared_file
+from tests.conftest import shared_file, with_optimized_code
 
 VARIANTS = {"v95_": (0.95, 0.5), "v0_": (0.0, 0.0)}
 LR, MOMENTUM, WEIGHT_DECAY = 0.03, 0.9, 5e-4
@@ -128,7 +128,7 @@ def _make_step(model, cfg):
                 g_sup=g_sup, g_aux=g_aux, g_final=g_final, new_params=new_params,
                 steps=opt_state[0].count, out=out, targets=targets, rect=rect_info)
 
-  return jax.jit(step)
+  return with_optimized_code(jax.jit(step))  # float64 convolutions: worth optimising
 
 
 def _bn_batch(old: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
