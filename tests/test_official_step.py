@@ -14,7 +14,6 @@ import importlib
 import os
 import pathlib
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
