@@ -18,9 +18,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ggr_jax import evaluate, ssl
 from ggr_jax.data import augment, imagenet30, tfds_sources
-from ggr_jax.data.stream import HostStream
 from ggr_jax.data.digits import digits_split
 from ggr_jax.data.openset import OpenSetSplit
+from ggr_jax.data.stream import HostStream
 from ggr_jax.models import build_model
 from ggr_jax.ssl import openmatch
 from ggr_jax.train import config as config_lib
