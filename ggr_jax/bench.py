@@ -28,14 +28,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-from ggr_jax import ssl
 from ggr_jax.configs import default
 from ggr_jax.data.stream import HostStream
-from ggr_jax.models import build_model
-from ggr_jax.train import optim, step as step_lib
-from ggr_jax.train.state import create_train_state
+from ggr_jax.train import build as build_lib, step as step_lib
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "sum": dict(mode="sum", split_gradients=False),  # the plain SSL step: one backward
@@ -101,37 +96,33 @@ def _config(algorithm: str, work: Workload, variant: dict[str, Any]):
   return cfg
 
 
-def _mesh() -> Mesh:
-  return Mesh(np.array(jax.local_devices()[:1]), ("data",))
+def _mesh():
+  return build_lib.make_mesh(jax.local_devices()[:1])
 
 
 def time_step(algorithm: str, work: Workload, variant: dict[str, Any], steps: int = 20,
               warmup: int = 3) -> dict[str, Any]:
   """Times one (algorithm, workload, variant) cell; returns its figures."""
   cfg = _config(algorithm, work, variant)
-  model = build_model(work.backbone, work.num_classes, ssl.head(algorithm),
-                      bn_momentum=cfg.model.bn_momentum)
-  tx = optim.make_optimizer(cfg)
   host = _synthetic_data(work)
-  mesh = _mesh()
-  replicated = NamedSharding(mesh, P())
-  state = jax.device_put(
-      create_train_state(model, tx, work.image_shape, host["x_unlabeled"].shape[0], 0),
-      replicated)
-  step = step_lib.make_train_step(cfg, model, tx, (0.5,) * work.image_shape[-1],
-                                  (0.25,) * work.image_shape[-1], mesh)
-  feed = _feed(cfg, host, state, mesh)
+  channels = work.image_shape[-1]
+  data = build_lib.DataSpec(work.image_shape, work.num_classes, host["x_unlabeled"].shape[0],
+                            (0.5,) * channels, (0.25,) * channels)
+  program = build_lib.build(cfg, data, _mesh())
+  state = program.init_state()
+  feed = program.feed(host, state, 0)
+  step = program.train_step
   start = time.perf_counter()
-  state, _ = step(state, feed(0))
+  state, _ = step(state, feed.next(0))
   jax.block_until_ready(state)
   compile_s = time.perf_counter() - start
   for i in range(warmup):
-    state, _ = step(state, feed(1 + i))
+    state, _ = step(state, feed.next(1 + i))
   jax.block_until_ready(state)
   times = []
   for i in range(steps):
     start = time.perf_counter()
-    state, _ = step(state, feed(1 + warmup + i))
+    state, _ = step(state, feed.next(1 + warmup + i))
     jax.block_until_ready(state)
     times.append(time.perf_counter() - start)
   feed.close()
@@ -141,37 +132,6 @@ def time_step(algorithm: str, work: Workload, variant: dict[str, Any], steps: in
           "p90_ms": float(np.percentile(ms, 90)), "compile_s": compile_s,
           "compilations": step._cache_size(),  # pylint: disable=protected-access
           "peak_bytes": stats.get("peak_bytes_in_use")}
-
-
-class _Resident:
-  def __init__(self, data):
-    self.data = data
-
-  def __call__(self, step: int):  # pylint: disable=unused-argument
-    return self.data
-
-  def close(self):
-    pass
-
-
-class _Streamed:
-  def __init__(self, stream: HostStream):
-    self.stream = stream
-
-  def __call__(self, step: int):
-    return self.stream.next(step)
-
-  def close(self):
-    self.stream.close()
-
-
-def _feed(cfg, host: dict[str, np.ndarray], state, mesh: Mesh):
-  """The step's data argument per step, as the training loop feeds it."""
-  if cfg.train.input == "device":
-    return _Resident(jax.device_put(host, NamedSharding(mesh, P())))
-  selected = np.ones(host["x_unlabeled"].shape[0], bool) if cfg.algorithm == "openmatch" else None
-  return _Streamed(HostStream(host, jax.random.fold_in(state.key, 0), step_lib.source_sizes(cfg),
-                              mesh, 0, selected=selected, prefetch=cfg.train.prefetch))
 
 
 def time_pipeline(algorithm: str, work: Workload, steps: int = 20, warmup: int = 3,

@@ -13,13 +13,8 @@ skipping finished and resuming interrupted ones) and writes the report (``ggr_ja
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 import sys
 from typing import Any, Sequence
-
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
-
 
 def _positive_int(text: str) -> int:
   value = int(text)
@@ -28,39 +23,15 @@ def _positive_int(text: str) -> int:
   return value
 
 
-def _resolve_config_path(argv: list[str]) -> list[str]:
-  """Lets ``--config NAME`` name a packaged config (``default``, ``iomatch``, ...)."""
-  out = list(argv)
-  for i, arg in enumerate(out):
-    value, prefix = None, None
-    if arg == "--config" and i + 1 < len(out):
-      value, prefix, target = out[i + 1], None, i + 1
-    elif arg.startswith("--config="):
-      value, prefix, target = arg.split("=", 1)[1], "--config=", i
-    if value is None:
-      continue
-    path, _, overrides = value.partition(":")
-    if "/" not in path and not path.endswith(".py"):
-      packaged = CONFIG_DIR / f"{path}.py"
-      if not packaged.exists():
-        names = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
-        raise SystemExit(f"ggr-jax: unknown config {path!r}; packaged configs: {', '.join(names)}"
-                         " (or give a path to a .py file with get_config()).")
-      value = str(packaged) + (f":{overrides}" if overrides else "")
-      out[target] = (prefix or "") + value
-  return out
-
-
 def _parse_train_flags(argv: list[str]) -> tuple[Any, str | None]:
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  from ggr_jax import configs  # pylint: disable=import-outside-toplevel
 
-  full_argv = ["ggr-jax"] + _resolve_config_path(argv)
   values = flags.FlagValues()
-  # sys_argv: the --config.a.b overrides are read from these, not from sys.argv.
-  config_flags.DEFINE_config_file("config", str(CONFIG_DIR / "default.py"),
-                                  "ml_collections config file (or packaged config name)",
-                                  flag_values=values, lock_config=True, sys_argv=full_argv)
+  try:
+    full_argv = configs.define_config_flag(values, argv)
+  except configs.UnknownConfig as err:
+    raise SystemExit(f"ggr-jax: {err}") from err
   flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, summary)",
                       flag_values=values)
   try:
@@ -119,6 +90,7 @@ def train_main(argv: list[str]) -> int:
 
 
 def eval_main(argv: list[str]) -> int:
+  from ggr_jax import rundir  # pylint: disable=import-outside-toplevel
   from ggr_jax.train import loop  # pylint: disable=import-outside-toplevel
   from ggr_jax.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
 
@@ -133,7 +105,7 @@ def eval_main(argv: list[str]) -> int:
     return 2
   state = trainer.restore(ckpt)
   result = {**trainer.evaluate(state), "steps": int(state.step)}
-  (pathlib.Path(args.workdir) / "eval.json").write_text(json.dumps(result, indent=1, default=float))
+  rundir.write_json(rundir.path(args.workdir, rundir.EVAL), result, default=float)
   _print_results(f"eval of {args.workdir} at step {int(state.step)}", result)
   return 0
 

@@ -31,8 +31,11 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_scor
 
 UnknownIf = Literal["high", "low"]
 
-# algorithm -> which score (see ood_score); the ggr* variants share their base's heads.
+# algorithm or score kind (``Algorithm.ood_score``) -> which score (see ood_score); the
+# ggr* variants share their base's heads.
+SCORE_KINDS = ("msp", "iomatch", "ova")
 _SCORE_KIND = {
+    **{kind: kind for kind in SCORE_KINDS},
     "supervised": "msp",
     "fixmatch": "msp",
     "iomatch": "iomatch",
@@ -131,6 +134,8 @@ def otsu_threshold(scores: np.ndarray, nbins: int = 256) -> float:
 
 def ood_score(algorithm: str, outputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, UnknownIf]:
   """The per-sample OOD score of ``algorithm`` and the side on which it means unknown.
+
+  ``algorithm`` is an algorithm name or a score kind (``msp``, ``iomatch``, ``ova``).
 
   ``outputs`` are the model outputs as numpy arrays: ``logits`` (N, K) always,
   ``logits_mb`` (N, 2, K) for iomatch, ``logits_ova`` (N, 2, K) for openmatch, with

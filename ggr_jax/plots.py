@@ -6,6 +6,7 @@ import pathlib
 
 import numpy as np
 
+from ggr_jax import rundir
 from ggr_jax.train.metrics_log import read
 
 CONFLICT_SERIES = (
@@ -58,8 +59,7 @@ def plot_conflict_diagnostics(workdir: str | pathlib.Path, out: str | pathlib.Pa
 
 
 def _ood_fraction(workdir: pathlib.Path) -> float:
-  import json  # pylint: disable=import-outside-toplevel
-  summary = workdir / "summary.json"
+  summary = rundir.path(workdir, rundir.SUMMARY)
   if summary.exists():
-    return float(json.loads(summary.read_text()).get("unlabeled_ood_fraction", np.nan))
+    return float(rundir.read_json(summary).get("unlabeled_ood_fraction", np.nan))
   return float("nan")

@@ -30,15 +30,15 @@ from typing import Any
 
 import numpy as np
 
+from ggr_jax import rundir
 from ggr_jax.rectify import MODES
 from ggr_jax.train.metrics_log import read
 
 METRICS = {"closed_acc": "closed acc", "open_bacc": "open bal. acc", "auroc": "AUROC"}
 BASELINE = "sum"
 KEY_FIELDS = ("algorithm", "dataset.name", "dataset.labels_per_class", "ggr.mode", "train.seed")
-# Fields that never tell two runs apart: the cadence of logging and evaluation, paths.
-IGNORED = ("train.log_every", "train.eval_every", "train.checkpoint_every",
-           "train.eval_batch_size", "dataset.data_dir")
+# Fields that never tell two runs apart: those a resume may change.
+IGNORED = rundir.RESUMABLE_CHANGES
 CSV_FIELDS = ("cell", "algorithm", "dataset", "labels", "mode", "seed", "closed_acc",
               "open_bacc", "auroc", "wall_s", "steps")
 
@@ -75,7 +75,7 @@ def collect(root: str | pathlib.Path) -> list[Run]:
   """Every run under ``root`` (any depth) with a readable ``summary.json``."""
   root = pathlib.Path(root)
   runs = []
-  for path in sorted(root.rglob("summary.json")):
+  for path in sorted(root.rglob(rundir.SUMMARY)):
     try:
       s = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:

@@ -9,6 +9,7 @@ import pytest
 
 from ggr_jax import ssl
 from ggr_jax.models import build_model
+from ggr_jax.ssl import LossContext
 from ggr_jax.train import config as config_lib
 from ggr_jax.train import step as step_lib
 from tests.test_train import _one_step, live_aux_config, split  # noqa: F401  (fixture)
@@ -25,10 +26,14 @@ def _model_and_variables(algorithm):
 def _batch_repeating_the_labeled_images(algorithm, images, labels, repeat):
   """Every view of the batch holds the same images: labeled views once, others ``repeat`` times."""
   batch = {"y_lb": labels}
-  for source, names in ssl.get(algorithm).VIEWS.items():
+  for source, names in ssl.get(algorithm).views.items():
     for name in names:
       batch[name] = images if source == "labeled" else jnp.tile(images, (repeat, 1, 1, 1))
   return batch
+
+
+def _sup(algorithm, apply_fn, params, stats, batch, cfg):
+  return ssl.get(algorithm).losses(LossContext(apply_fn, params, stats, batch, None, 0, cfg)).sup
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -39,11 +44,11 @@ def test_supervised_loss_of_the_joint_outputs_is_the_sup_of_losses(algorithm, sp
   data = {"x_labeled": split.x_labeled, "y_labeled": split.y_labeled.astype(np.int32),
           "x_unlabeled": split.x_unlabeled, "unlabeled_is_id": split.unlabeled_is_id}
   batch = views(jax.random.PRNGKey(3), 0, data, jnp.ones(split.x_unlabeled.shape[0], bool))
-  sup, _, _, _ = ssl.get(algorithm).losses(apply_fn, params, stats, batch, None, 0, cfg)
+  sup = _sup(algorithm, apply_fn, params, stats, batch, cfg)
   # In train mode the labeled-only forward normalises with other statistics, so the two
   # differ; in eval mode (running statistics) the labeled rows see the same function.
   eval_apply = lambda p, s, x, train: apply_fn(p, s, x, False)
-  sup_eval, _, _, _ = ssl.get(algorithm).losses(eval_apply, params, stats, batch, None, 0, cfg)
+  sup_eval = _sup(algorithm, eval_apply, params, stats, batch, cfg)
   lab_eval, _ = ssl.labeled_loss(algorithm, eval_apply, params, stats, batch, cfg)
   lab_train, _ = ssl.labeled_loss(algorithm, apply_fn, params, stats, batch, cfg)
   np.testing.assert_allclose(float(lab_eval), float(sup_eval), rtol=1e-6)
@@ -60,7 +65,7 @@ def test_labeled_anchor_equals_joint_anchor_when_the_batch_statistics_coincide(a
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.standard_normal((6, 8, 8, 1)), jnp.float32)
   batch = _batch_repeating_the_labeled_images(algorithm, images, jnp.arange(6) % 6, 2)
-  joint = jax.grad(lambda p: ssl.get(algorithm).losses(apply_fn, p, stats, batch, None, 0, cfg)[0])
+  joint = jax.grad(lambda p: _sup(algorithm, apply_fn, p, stats, batch, cfg))
   labeled = jax.grad(lambda p: ssl.labeled_loss(algorithm, apply_fn, p, stats, batch, cfg)[0])
   g_joint, g_labeled = joint(params), labeled(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),

@@ -12,7 +12,7 @@ from ggr_jax.models import convert, wrn
 from ggr_jax.models.heads import OpenSetNet
 from ggr_jax.models.layers import BatchNorm
 from ggr_jax.models.wrn import WideResNet
-from ggr_jax.ssl import iomatch
+from ggr_jax.ssl import LossContext, iomatch
 
 
 def _count(tree) -> int:
@@ -246,14 +246,18 @@ def test_iomatch_losses_match_numpy(seed, p_cutoff, q_cutoff):
   params, batch, apply_fn = _toy_problem(seed)
   cfg = iomatch.default_config()
   cfg.p_cutoff, cfg.q_cutoff, cfg.lambda_mb, cfg.lambda_op = p_cutoff, q_cutoff, 0.7, 1.3
-  fn = jax.jit(lambda p, step: iomatch.losses(apply_fn, p, {"calls": 0}, batch, None, step, cfg))
+  fn = jax.jit(lambda p, step: iomatch.losses(
+      LossContext(apply_fn, p, {"calls": 0}, batch, None, step, cfg)))
   for step in (0, 5000):
-    sup, aux, state, metrics = fn(params, step)
+    out = fn(params, step)
+    sup, aux, state, metrics = out.sup, out.aux, out.model_state, out.metrics
     want = _np_losses(params, batch, cfg, step)
     np.testing.assert_allclose([sup, aux], want[:2], rtol=1e-5, atol=1e-6)
+    terms = {**out.supervised, **out.auxiliary}
+    weights = (1.0, cfg.lambda_mb, cfg.lambda_u, cfg.lambda_op)  # terms carry their weights
     np.testing.assert_allclose(
-        [metrics[k] for k in ("losses/sup_closed", "losses/sup_mb", "losses/ui", "losses/op")],
-        want[2:6], rtol=1e-5, atol=1e-6)
+        [terms[k] for k in ("sup_closed", "sup_mb", "ui", "op")],
+        [w * x for w, x in zip(weights, want[2:6])], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(metrics["monitors/ui_weight"], want[6].mean())
     np.testing.assert_allclose(metrics["monitors/q_mask"], want[7].mean())
     assert int(state["calls"]) == 1  # one forward
@@ -269,8 +273,8 @@ def test_iomatch_gradients_skip_detached_heads_and_run_in_float64():
     cfg.p_cutoff = cfg.q_cutoff = 0.0
 
     def both(p):
-      sup, aux, _, _ = iomatch.losses(apply_fn, p, {"calls": 0}, batch, None, 2000, cfg)
-      return sup, aux
+      out = iomatch.losses(LossContext(apply_fn, p, {"calls": 0}, batch, None, 2000, cfg))
+      return out.sup, out.aux
 
     @jax.jit
     def grads(p):

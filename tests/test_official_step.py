@@ -23,7 +23,7 @@ import pytest
 
 import ggr_jax
 from ggr_jax.models import convert
-from ggr_jax.ssl import iomatch
+from ggr_jax.ssl import LossContext, iomatch
 from tests.conftest import shared_file, with_optimized_code
 
 VARIANTS = {"v95_": (0.95, 0.5), "v0_": (0.0, 0.0)}
@@ -87,8 +87,11 @@ def _make_step(model, cfg):
     state = {"batch_stats": batch_stats}
 
     def loss_fn(p):
-      sup, aux, new_state, metrics = iomatch.losses(apply_fn, p, state, batch, None, STEP, cfg)
-      return (sup, aux), (new_state, metrics)
+      out = iomatch.losses(LossContext(apply_fn, p, state, batch, None, STEP, cfg))
+      # the named terms carry their weights, which are 1 in the official config
+      metrics = {**out.metrics, **{f"losses/{k}": v for k, v in
+                                   {**out.supervised, **out.auxiliary}.items()}}
+      return (out.sup, out.aux), (out.model_state, metrics)
 
     (sup, aux), vjp_fn, (new_state, metrics) = jax.vjp(loss_fn, params, has_aux=True)
     (g_sup,) = vjp_fn((jnp.ones_like(sup), jnp.zeros_like(aux)))
@@ -160,11 +163,12 @@ def _candidate(res: dict, variant: str, cfg, old_buffers: dict) -> dict[str, np.
     cand[f"{v}mask/{k}"] = t[k]
 
   m = res["metrics"]
-  ui, op = m["losses/ui"], m["losses/op"]
+  # the terms carry their weights: unweight them for the official raw losses
+  ui, op = m["losses/ui"] / cfg.lambda_u, m["losses/op"] / cfg.lambda_op
   losses = {
-      "sup_closed_loss": m["losses/sup_closed"], "sup_mb_loss": m["losses/sup_mb"],
+      "sup_closed_loss": m["losses/sup_closed"], "sup_mb_loss": m["losses/sup_mb"] / cfg.lambda_mb,
       "sup_loss": res["sup"], "ui_loss": ui, "op_loss": op,
-      "unsup_loss": cfg.lambda_u * ui, "op_loss_w": cfg.lambda_op * op,
+      "unsup_loss": m["losses/ui"], "op_loss_w": m["losses/op"],
       # ggr_jax's IOMatch has no graph or rotation loss (both off in the official run).
       "graph_loss": np.float64(0.0), "rot_loss": np.float64(0.0),
       "aux_loss": res["aux"], "total_loss": res["sup"] + res["aux"]}

@@ -155,4 +155,4 @@ def _final_params(trainer, workdir):
 
 def test_step_sizes_follow_the_algorithm_sources():
   assert list(step_lib.source_sizes(tiny_config("openmatch"))) == list(
-      ssl.get("openmatch").VIEWS)
+      ssl.get("openmatch").views)

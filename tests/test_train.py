@@ -13,9 +13,11 @@ import pytest
 from ggr_jax import ssl
 from ggr_jax.configs import default
 from ggr_jax.models import build_model
+from ggr_jax.ssl import LossContext
+from ggr_jax.train import build as build_lib
 from ggr_jax.train import config as config_lib
-from ggr_jax.train import loop, optim, step as step_lib
-from ggr_jax.train.state import create_train_state
+from ggr_jax.train import loop, step as step_lib
+from ggr_jax.train.feeds import split_arrays
 
 
 def tiny_config(algorithm="fixmatch", mode="vlr", steps=4):
@@ -50,14 +52,10 @@ def split():
 @pytest.mark.parametrize("algorithm", sorted(ssl.ALGORITHMS))
 def test_one_step_of_every_algorithm(algorithm, mode, split):
   cfg = live_aux_config(algorithm, mode)
-  model = build_model("cnn", split.num_classes, ssl.head(algorithm))
-  tx = optim.make_optimizer(cfg)
-  state = create_train_state(model, tx, split.x_labeled.shape[1:], split.x_unlabeled.shape[0], 0)
+  program = _program(cfg, split)
+  state = program.init_state()
   before = jax.tree.map(np.asarray, state.params)
-  data = {"x_labeled": split.x_labeled, "y_labeled": split.y_labeled.astype(np.int32),
-          "x_unlabeled": split.x_unlabeled, "unlabeled_is_id": split.unlabeled_is_id}
-  step = step_lib.make_train_step(cfg, model, tx, split.mean, split.std)
-  state, metrics = step(state, jax.device_put(data))
+  state, metrics = program.train_step(state, program.feed(split_arrays(split), state, 0).next(0))
   assert int(state.step) == 1
   assert all(np.isfinite(float(v)) for v in metrics.values()), metrics
   moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), state.params, before)
@@ -123,11 +121,12 @@ def test_one_and_eight_devices_agree(tmp_path, algorithm):
   cfg = tiny_config(algorithm, "vlr", steps=2)
   states = []
   for n in (1, 8):
-    trainer = loop.Trainer(cfg, tmp_path / str(n), progress=False, devices=jax.devices()[:n])
-    state = trainer._initial_state()  # pylint: disable=protected-access
-    data = jax.device_put(trainer._split_arrays(), trainer.replicated)  # pylint: disable=protected-access
-    for _ in range(2):
-      state, metrics = trainer.train_step(state, data)
+    program = build_lib.build(cfg, build_lib.DataSpec.of_split(loop.load_split(cfg)),
+                              build_lib.make_mesh(jax.devices()[:n]))
+    state = program.init_state()
+    feed = program.feed(split_arrays(loop.load_split(cfg)), state, 0)
+    for i in range(2):
+      state, metrics = program.train_step(state, feed.next(i))
     states.append((jax.device_get(state.params), jax.device_get(metrics)))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5),
                states[0], states[1])
@@ -149,14 +148,15 @@ def test_bad_config_value_fails_before_compiling(field, value, message):
   assert message in str(info.value) and f"--config.{field}=" in str(info.value)
 
 
+def _program(cfg, split):
+  return build_lib.build(cfg, build_lib.DataSpec.of_split(split),
+                         build_lib.make_mesh(jax.devices()[:1]))
+
+
 def _one_step(cfg, split):
-  model = build_model("cnn", split.num_classes, ssl.head(cfg.algorithm))
-  tx = optim.make_optimizer(cfg)
-  state = create_train_state(model, tx, split.x_labeled.shape[1:], split.x_unlabeled.shape[0], 0)
-  data = {"x_labeled": split.x_labeled, "y_labeled": split.y_labeled.astype(np.int32),
-          "x_unlabeled": split.x_unlabeled, "unlabeled_is_id": split.unlabeled_is_id}
-  step = step_lib.make_train_step(cfg, model, tx, split.mean, split.std)
-  return step(state, jax.device_put(data))
+  program = _program(cfg, split)
+  state = program.init_state()
+  return program.train_step(state, program.feed(split_arrays(split), state, 0).next(0))
 
 
 @pytest.mark.parametrize("algorithm", sorted(ssl.ALGORITHMS))
@@ -169,11 +169,12 @@ def test_per_sample_terms_sum_to_the_auxiliary_loss(algorithm, split):
           "x_unlabeled": split.x_unlabeled, "unlabeled_is_id": split.unlabeled_is_id}
   batch = views(jax.random.PRNGKey(1), 0, data, jnp.ones(split.x_unlabeled.shape[0], bool))
   apply_fn = step_lib.make_apply_fn(model)
-  _, aux, _, metrics = ssl.get(algorithm).losses(
+  out = ssl.get(algorithm).losses(LossContext(
       apply_fn, variables["params"], variables["batch_stats"], batch, None, 0,
-      step_lib.algorithm_config(cfg))
-  terms, is_id = metrics["per_sample/aux"], metrics["per_sample/is_id"]
+      step_lib.algorithm_config(cfg)))
+  terms, is_id = out.sample_aux, out.sample_is_id
   assert terms.shape == is_id.shape and terms.ndim == 1
+  aux = sum(out.auxiliary.values(), 0.0)
   np.testing.assert_allclose(float(jnp.sum(terms)), float(aux), rtol=1e-5, atol=1e-7)
   assert 0 < float(jnp.mean(is_id)) < 1  # the unlabeled batch mixes ID and OOD images
 

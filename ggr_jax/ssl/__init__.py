@@ -1,43 +1,64 @@
-"""Semi-supervised algorithms: pure loss functions, each returning the supervised and the
-auxiliary loss separately.
+"""Semi-supervised algorithms on one interface (:class:`~ggr_jax.ssl.interface.Algorithm`).
 
-Every algorithm module provides ``losses(apply_fn, params, model_state, batch, rng,
-step, cfg) -> (sup_loss, aux_loss, new_model_state, metrics)``, ``default_config()``,
-``VIEWS``: the augmented views it needs from each index source (``labeled``,
-``unlabeled``, ``selected``), each ``"weak"`` or ``"strong"``, and the supervised loss
-alone, ``supervised_loss(outputs, batch, cfg)`` on the outputs of its ``LABELED_VIEWS``
-(the same function ``losses`` uses), for an anchor from the labeled views only
-(:func:`labeled_loss`).
+Each built-in algorithm is one module defining ``ALGORITHM``; :func:`register` adds one
+from anywhere (a user's module, a test) without touching the run layer.
 """
 
 from __future__ import annotations
 
 import importlib
-import types
 from typing import Any
 
 from ggr_jax.ssl import common
+from ggr_jax.ssl.interface import Algorithm, EpochContext, LossContext, Losses
 
-# name -> (module, model head it needs; see ggr_jax.models.heads.OpenSetNet)
-ALGORITHMS: dict[str, tuple[str, str]] = {
-    "supervised": ("ggr_jax.ssl.supervised", "none"),
-    "fixmatch": ("ggr_jax.ssl.fixmatch", "none"),
-    "iomatch": ("ggr_jax.ssl.iomatch", "iomatch"),
-    "openmatch": ("ggr_jax.ssl.openmatch", "openmatch"),
+# name -> module defining ALGORITHM (imported on first use)
+BUILTIN: dict[str, str] = {
+    "supervised": "ggr_jax.ssl.supervised",
+    "fixmatch": "ggr_jax.ssl.fixmatch",
+    "iomatch": "ggr_jax.ssl.iomatch",
+    "openmatch": "ggr_jax.ssl.openmatch",
 }
+ALGORITHMS = tuple(BUILTIN)  # the built-in names
+_REGISTERED: dict[str, Algorithm] = {}
+
+__all__ = ["ALGORITHMS", "Algorithm", "EpochContext", "LossContext", "Losses", "get", "head",
+           "labeled_loss", "names", "register"]
 
 
-def get(name: str) -> types.ModuleType:
-  """The algorithm module registered under ``name``."""
-  if name not in ALGORITHMS:
-    raise ValueError(f"Unknown algorithm {name!r}; choose one of {sorted(ALGORITHMS)}.")
-  return importlib.import_module(ALGORITHMS[name][0])
+def register(algorithm: Algorithm, *, replace: bool = False) -> Algorithm:
+  """Makes ``algorithm`` available as ``config.algorithm = algorithm.name``.
+
+  Its config block must be in the run's config (``cfg[name] = algorithm.default_config()``;
+  the packaged ``default`` config adds a block for every algorithm registered before it
+  is built).
+  """
+  if not isinstance(algorithm, Algorithm):
+    raise TypeError(f"register takes a ggr_jax.ssl.Algorithm, got {type(algorithm).__name__}.")
+  if not replace and (algorithm.name in BUILTIN or algorithm.name in _REGISTERED):
+    raise ValueError(f"an algorithm named {algorithm.name!r} exists; pass replace=True to "
+                     "replace it or choose another name.")
+  _REGISTERED[algorithm.name] = algorithm
+  return algorithm
+
+
+def names() -> tuple[str, ...]:
+  """Every algorithm name: the built-in ones, then the registered ones."""
+  return ALGORITHMS + tuple(n for n in _REGISTERED if n not in BUILTIN)
+
+
+def get(name: str) -> Algorithm:
+  """The algorithm registered under ``name``."""
+  if name in _REGISTERED:
+    return _REGISTERED[name]
+  if name not in BUILTIN:
+    raise ValueError(f"Unknown algorithm {name!r}; choose one of {sorted(names())}.")
+  return importlib.import_module(BUILTIN[name]).ALGORITHM
 
 
 def head(name: str) -> str:
   """The model head algorithm ``name`` needs."""
-  get(name)
-  return ALGORITHMS[name][1]
+  return get(name).head
 
 
 def labeled_loss(name: str, apply_fn: common.ApplyFn, params: Any, model_state: Any,
@@ -46,5 +67,5 @@ def labeled_loss(name: str, apply_fn: common.ApplyFn, params: Any, model_state: 
   views alone (train-mode BatchNorm with the labeled batch's own statistics)."""
   algo = get(name)
   outputs, new_state = common.forward_concat(apply_fn, params, model_state,
-                                             [batch[k] for k in algo.LABELED_VIEWS])
+                                             [batch[k] for k in algo.labeled_views])
   return algo.supervised_loss(outputs, batch, cfg), new_state

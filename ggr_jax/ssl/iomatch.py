@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ggr_jax.ssl import common
+from ggr_jax.ssl.interface import Algorithm, LossContext, Losses
 
 VIEWS = {"labeled": {"x_lb": "weak"}, "unlabeled": {"x_ulb_w": "weak", "x_ulb_s": "strong"}}
 LABELED_VIEWS = ("x_lb",)
@@ -72,54 +73,50 @@ def supervised_loss(labeled: list[dict], batch: dict, cfg: Any) -> jnp.ndarray:
   return supervised_parts(labeled, batch, cfg)[0]
 
 
-def losses(apply_fn: common.ApplyFn, params: Any, model_state: Any,
-           batch: dict[str, jnp.ndarray], rng: jax.Array | None, step: Any, cfg: Any
-           ) -> tuple[jnp.ndarray, jnp.ndarray, Any, dict[str, jnp.ndarray]]:
+def losses(ctx: LossContext) -> Losses:
   """IOMatch supervised and auxiliary losses from one forward on all three views.
 
-  Args:
-    apply_fn: ``(params, model_state, x, train) -> (outputs, new_model_state)``;
-      outputs hold ``logits``, ``logits_open`` and ``logits_mb`` (``(N, 2, K)``).
-    params, model_state: the model's parameters and its other state.
-    batch: ``x_lb`` ``(B, ...)``, ``y_lb`` ``(B,)``, ``x_ulb_w`` and ``x_ulb_s``
-      ``(uB, ...)``; optional ``ulb_is_id`` ``(uB,)`` for the OOD monitor.
-    rng: unused (IOMatch draws nothing at train time).
-    step: the global step; the op loss counts from ``cfg.op_warmup_steps`` on.
-    cfg: ``p_cutoff``, ``q_cutoff``, ``lambda_u``, ``lambda_mb``, ``lambda_op``,
-      ``op_warmup_steps`` (see :func:`default_config`).
-
-  Returns:
-    ``(sup_loss, aux_loss, new_model_state, metrics)``, ``sup = CE +
-    lambda_mb * mb`` and ``aux = lambda_u * ui + lambda_op * op``.
+  ``ctx.batch`` holds ``x_lb`` ``(B, ...)``, ``y_lb`` ``(B,)``, ``x_ulb_w`` and ``x_ulb_s``
+  ``(uB, ...)`` and optionally ``ulb_is_id`` ``(uB,)`` for the OOD monitor; the model's
+  outputs hold ``logits``, ``logits_open`` and ``logits_mb`` (``(N, 2, K)``). The op
+  loss counts from ``cfg.op_warmup_steps`` on. Terms: supervised ``sup_closed`` (CE) and
+  ``sup_mb`` (``lambda_mb * mb``); auxiliary ``ui`` (``lambda_u * ui``) and ``op``
+  (``lambda_op * op``).
   """
-  del rng
+  cfg, batch = ctx.cfg, ctx.batch
   (lb, ulb_w, ulb_s), new_model_state = common.forward_concat(
-      apply_fn, params, model_state, [batch["x_lb"], batch["x_ulb_w"], batch["x_ulb_s"]])
-  sup, sup_closed, sup_mb = supervised_parts([lb], batch, cfg)
+      ctx.apply_fn, ctx.params, ctx.model_state, [batch["x_lb"], batch["x_ulb_w"], batch["x_ulb_s"]])
+  _, sup_closed, sup_mb = supervised_parts([lb], batch, cfg)
 
   t = iomatch_targets(ulb_w["logits"], ulb_w["logits_mb"], p_cutoff=cfg.p_cutoff,
                       q_cutoff=cfg.q_cutoff)
   ui_terms = common.soft_cross_entropy_terms(ulb_s["logits"], t["p"], t["ui_weight"])
-  op_on = (jnp.asarray(step) >= cfg.op_warmup_steps).astype(ui_terms.dtype)
+  op_on = (jnp.asarray(ctx.step) >= cfg.op_warmup_steps).astype(ui_terms.dtype)
   op_terms = op_on * common.soft_cross_entropy_terms(ulb_s["logits_open"], t["q"],
                                                       t["op_weight"])
-  ui, op = jnp.sum(ui_terms), jnp.sum(op_terms)
-  aux = cfg.lambda_u * ui + cfg.lambda_op * op
-
   metrics = {
-      "losses/sup_closed": sup_closed,
-      "losses/sup_mb": sup_mb,
-      "losses/sup": sup,
-      "losses/ui": ui,
-      "losses/op": op,
-      "losses/aux": aux,
       "monitors/in_mask": jnp.mean(t["in_mask"]),
       "monitors/p_mask": jnp.mean(t["p_mask"]),
       "monitors/q_mask": jnp.mean(t["q_mask"]),
       "monitors/ui_weight": jnp.mean(t["ui_weight"]),
       "monitors/op_on": op_on,
       **common.accepted_ood_fraction(t["ui_weight"], batch.get("ulb_is_id")),
-      **common.per_sample_outputs(cfg.lambda_u * ui_terms + cfg.lambda_op * op_terms,
-                                  batch.get("ulb_is_id")),
   }
-  return sup, aux, new_model_state, metrics
+  return Losses(
+      supervised={"sup_closed": sup_closed, "sup_mb": cfg.lambda_mb * sup_mb},
+      auxiliary={"ui": cfg.lambda_u * jnp.sum(ui_terms), "op": cfg.lambda_op * jnp.sum(op_terms)},
+      model_state=new_model_state, metrics=metrics,
+      sample_aux=cfg.lambda_u * ui_terms + cfg.lambda_op * op_terms,
+      sample_is_id=batch.get("ulb_is_id"))
+
+
+def validate(cfg: ml_collections.ConfigDict, fail) -> None:
+  for field in ("p_cutoff", "q_cutoff"):
+    if not 0.0 <= cfg[field] <= 1.0:
+      fail(field, cfg[field], "must be a number in [0, 1]")
+
+
+ALGORITHM = Algorithm(
+    name="iomatch", default_config=default_config, losses=losses, views=VIEWS,
+    labeled_views=LABELED_VIEWS, supervised_loss=supervised_loss, head="iomatch",
+    ood_score="iomatch", validate=validate)

@@ -10,6 +10,9 @@ One forward serves everything (the DESIGN rule), so the selected batch shares th
 BatchNorm statistics of the rest; the official code runs it through a second forward.
 Before ``start_fix_steps`` the selected views are still in the forward (fixed shapes
 under jit) with zero loss weight.
+
+The algorithm state is the selection mask ``{"selected": bool (num_unlabeled,)}`` (all
+True until the first selection); the ``selected`` source draws its rows from it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ggr_jax.ssl import common
+from ggr_jax.ssl.interface import Algorithm, EpochContext, LossContext, Losses
 
 VIEWS = {
     "labeled": {"x_lb_w0": "weak", "x_lb_w1": "weak"},
@@ -49,38 +53,38 @@ def supervised_loss(labeled: list[dict], batch: dict, cfg) -> jax.Array:
   return sum(supervised_parts(labeled, batch))
 
 
-def losses(apply_fn, params, model_state, batch, rng, step, cfg):
-  """``(sup, aux, new_model_state, metrics)`` of OpenMatch."""
-  del rng
+def losses(ctx: LossContext) -> Losses:
+  """Terms: supervised ``sup_closed``, ``sup_ova``; auxiliary ``em``, ``socr``, ``fix``
+  (each weighted; ``fix`` is 0 before ``start_fix_steps``)."""
+  cfg, batch = ctx.cfg, ctx.batch
   parts = [batch[k] for k in ("x_lb_w0", "x_lb_w1", "x_ulb_w0", "x_ulb_w1", "x_sel_w", "x_sel_s")]
   (lb0, lb1, u0, u1, sel_w, sel_s), new_state = common.forward_concat(
-      apply_fn, params, model_state, parts)
+      ctx.apply_fn, ctx.params, ctx.model_state, parts)
   closed, ova = supervised_parts([lb0, lb1], batch)
   em_terms = 0.5 * (common.ova_entropy_terms(u0["logits_ova"])
                     + common.ova_entropy_terms(u1["logits_ova"]))
   socr_terms = common.ova_consistency_terms(u0["logits_ova"], u1["logits_ova"])
-  em, socr = jnp.sum(em_terms), jnp.sum(socr_terms)
 
   probs = jax.nn.softmax(jax.lax.stop_gradient(sel_w["logits"]))
   mask = (jnp.max(probs, -1) >= cfg.p_cutoff).astype(probs.dtype)
   pseudo = jax.nn.one_hot(jnp.argmax(probs, -1), probs.shape[-1], dtype=probs.dtype)
   fix_terms = common.soft_cross_entropy_terms(sel_s["logits"], pseudo, mask)
-  fix = jnp.sum(fix_terms)
-  fix_on = (jnp.asarray(step) >= cfg.start_fix_steps).astype(fix.dtype)
+  fix_on = (jnp.asarray(ctx.step) >= cfg.start_fix_steps).astype(fix_terms.dtype)
   # per-sample terms over the unlabeled batch, then the selected batch
   terms = jnp.concatenate([cfg.lambda_em * em_terms + cfg.lambda_socr * socr_terms,
                            fix_on * cfg.lambda_fix * fix_terms])
   is_id = None
   if "ulb_is_id" in batch and "sel_is_id" in batch:
     is_id = jnp.concatenate([batch["ulb_is_id"], batch["sel_is_id"]])
-
-  sup = closed + ova
-  aux = cfg.lambda_em * em + cfg.lambda_socr * socr + fix_on * cfg.lambda_fix * fix
-  metrics = {"losses/sup_closed": closed, "losses/sup_ova": ova, "losses/em": em,
-             "losses/socr": socr, "losses/fix": fix, "monitors/fix_on": fix_on,
-             **common.accepted_ood_fraction(mask * fix_on, batch.get("sel_is_id")),
-             **common.per_sample_outputs(terms, is_id)}
-  return sup, aux, new_state, metrics
+  return Losses(
+      supervised={"sup_closed": closed, "sup_ova": ova},
+      auxiliary={"em": cfg.lambda_em * jnp.sum(em_terms),
+                 "socr": cfg.lambda_socr * jnp.sum(socr_terms),
+                 "fix": fix_on * cfg.lambda_fix * jnp.sum(fix_terms)},
+      model_state=new_state,
+      metrics={"monitors/fix_on": fix_on,
+               **common.accepted_ood_fraction(mask * fix_on, batch.get("sel_is_id"))},
+      sample_aux=terms, sample_is_id=is_id)
 
 
 def inlier_score(outputs: dict) -> jax.Array:
@@ -93,3 +97,40 @@ def inlier_score(outputs: dict) -> jax.Array:
 def select_inliers(outputs: dict, threshold: float) -> jax.Array:
   """Boolean mask of unlabeled samples kept for the FixMatch stage (``p_out < threshold``)."""
   return inlier_score(outputs) < threshold
+
+
+def batch_sizes(train: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  """Labeled ``B``, unlabeled ``B * uratio``, selected inliers ``B * fix_uratio``."""
+  b = train.batch_size
+  return {"labeled": b, "unlabeled": b * train.uratio, "selected": b * cfg.fix_uratio}
+
+
+def init_state(num_unlabeled: int, cfg: ml_collections.ConfigDict) -> dict:
+  del cfg
+  return {"selected": jnp.ones((num_unlabeled,), bool)}
+
+
+def reselect(ctx: EpochContext) -> dict | None:
+  """From ``start_fix_steps`` on, the EMA model re-selects the inliers at every epoch
+  boundary (each image's weak view, eval mode)."""
+  if ctx.step < ctx.cfg.start_fix_steps:
+    return None
+  state = ctx.train_state
+  selected = ctx.predict_unlabeled(state.ema_params, state.batch_stats, ctx.key,
+                                   select_inliers, ctx.cfg.inlier_threshold)
+  return {"selected": selected}
+
+
+def validate(cfg: ml_collections.ConfigDict, fail) -> None:
+  for field in ("p_cutoff", "inlier_threshold"):
+    if not 0.0 <= cfg[field] <= 1.0:
+      fail(field, cfg[field], "must be a number in [0, 1]")
+  if not isinstance(cfg.fix_uratio, int) or cfg.fix_uratio < 1:
+    fail("fix_uratio", cfg.fix_uratio, "must be a positive integer")
+
+
+ALGORITHM = Algorithm(
+    name="openmatch", default_config=default_config, losses=losses, views=VIEWS,
+    labeled_views=LABELED_VIEWS, supervised_loss=supervised_loss, head="openmatch",
+    batch_sizes=batch_sizes, init_state=init_state, source_mask=lambda s: s["selected"],
+    epoch_hook=reselect, ood_score="ova", validate=validate)

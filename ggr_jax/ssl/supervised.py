@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ggr_jax.ssl import common, fixmatch
+from ggr_jax.ssl.interface import Algorithm, LossContext, Losses
 
 VIEWS = {"labeled": {"x_lb": "weak"}, "unlabeled": {"x_ulb_w": "weak"}}
 LABELED_VIEWS = ("x_lb",)
@@ -24,12 +25,17 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict()
 
 
-def losses(apply_fn, params, model_state, batch, rng, step, cfg):
-  """``(sup, aux, new_model_state, metrics)`` with ``aux = 0``."""
-  del rng, step
+def losses(ctx: LossContext) -> Losses:
+  """The labeled cross-entropy; no auxiliary term (``aux = 0``)."""
+  batch = ctx.batch
   (out, _), new_state = common.forward_concat(
-      apply_fn, params, model_state, [batch["x_lb"], batch["x_ulb_w"]])
-  sup = supervised_loss([out], batch, cfg)
+      ctx.apply_fn, ctx.params, ctx.model_state, [batch["x_lb"], batch["x_ulb_w"]])
+  sup = supervised_loss([out], batch, ctx.cfg)
   terms = jnp.zeros(batch["x_ulb_w"].shape[:1], sup.dtype)
-  return sup, jnp.sum(terms), new_state, {
-      "losses/sup": sup, **common.per_sample_outputs(terms, batch.get("ulb_is_id"))}
+  return Losses(supervised={"ce": sup}, auxiliary={}, model_state=new_state,
+                sample_aux=terms, sample_is_id=batch.get("ulb_is_id"))
+
+
+ALGORITHM = Algorithm(
+    name="supervised", default_config=default_config, losses=losses, views=VIEWS,
+    labeled_views=LABELED_VIEWS, supervised_loss=supervised_loss, ood_score="msp")

@@ -1,6 +1,6 @@
 """``ggr-jax sweep``: many ``ggr-jax train`` runs from one spec, placed on devices, resumable.
 
-A sweep spec is a Python file (or the name of a file in ``ggr_jax/configs/``) whose
+A sweep spec is a Python file (or the name of a file in ``configs/``) whose
 ``get_sweep()`` (``get_sweep(arg)`` for ``SPEC:ARG``) returns a list of cells::
 
   {"name": "fixmatch-vlr-s0",            # optional: unique, filesystem-safe

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import json
 import os
 import pathlib
 import signal
@@ -14,6 +13,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from ggr_jax import rundir
 from ggr_jax.sweep.placement import Slot, make_slots
 from ggr_jax.sweep.spec import (Cell, SweepError, cell_state, checkpoint_step, load_spec,
                                 resolve_config)
@@ -40,8 +40,8 @@ class Outcome:
     return self.workdir / "log.txt"
 
   def summary(self) -> dict[str, Any]:
-    path = self.workdir / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    path = rundir.path(self.workdir, rundir.SUMMARY)
+    return rundir.read_json(path) if path.exists() else {}
 
 
 def plan(cells: list[Cell], root: str | pathlib.Path) -> list[Outcome]:
@@ -87,7 +87,7 @@ def _start(outcome: Outcome, slot: Slot) -> subprocess.Popen:
 
 
 def _finished(outcome: Outcome, rc: int, stopping: bool) -> str:
-  if rc == 0 and (outcome.workdir / "summary.json").exists():
+  if rc == 0 and rundir.path(outcome.workdir, rundir.SUMMARY).exists():
     return "resumed" if outcome.before == "resume" else "trained"
   if rc == 130 or (stopping and rc in (-signal.SIGTERM, -signal.SIGKILL)):
     return "interrupted"
@@ -167,7 +167,7 @@ def status_table(outcomes: list[Outcome]) -> str:
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="ggr-jax sweep", description="train every cell of a sweep spec, then write the report")
-  parser.add_argument("spec", nargs="?", help="PATH.py[:ARG] or a name in ggr_jax/configs "
+  parser.add_argument("spec", nargs="?", help="PATH.py[:ARG] or a name in configs/ "
                       "defining get_sweep() (not needed with --report-only)")
   parser.add_argument("--root", required=True, help="sweep directory: one workdir per cell")
   parser.add_argument("--devices", default="auto", choices=("auto", "all", "per-run"),

@@ -6,11 +6,13 @@ import collections
 import dataclasses
 import importlib.util
 import itertools
-import json
 import pathlib
 import re
 import sys
 from typing import Any
+
+from ggr_jax import configs, rundir
+from ggr_jax.rundir import config_diff, latest_checkpoint_step as checkpoint_step
 
 
 CELL_KEYS = ("name", "config", "overrides")
@@ -135,14 +137,13 @@ def parse_cells(raw: Any, origin: str = "get_sweep()") -> list[Cell]:
 
 def load_spec(spec: str) -> list[Cell]:
   """The cells of ``PATH.py[:ARG]`` or of a packaged ``NAME[:ARG]`` in ``ggr_jax/configs``."""
-  from ggr_jax.cli import CONFIG_DIR  # pylint: disable=import-outside-toplevel
   text, _, arg = spec.partition(":")
   path = pathlib.Path(text)
   if "/" not in text and not text.endswith(".py"):
-    path = CONFIG_DIR / f"{text}.py"
+    path = configs.CONFIG_DIR / f"{text}.py"
   if not path.is_file():
     raise SweepError(f"sweep spec {text!r} not found: give the path of a .py file defining "
-                     "get_sweep(), or the name of one in ggr_jax/configs/.")
+                     "get_sweep(), or the name of one in configs/.")
   module_spec = importlib.util.spec_from_file_location(f"_ggr_sweep_{path.stem}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -158,20 +159,12 @@ def load_spec(spec: str) -> list[Cell]:
 def resolve_config(cell: Cell):
   """The validated ``ConfigDict`` the cell's ``ggr-jax train`` command would train."""
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  from ggr_jax import cli  # pylint: disable=import-outside-toplevel
   from ggr_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
 
   try:
-    # pylint: disable-next=protected-access
-    argv = ["ggr-jax"] + cli._resolve_config_path(cell.config_args())
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config", flag_values=values,
-                                    lock_config=True, sys_argv=argv)
-    values(argv)
-    cfg = values.config
+    cfg = configs.load(cell.config_args())
     config_lib.validate(cfg, num_devices=1)
-  except SystemExit as err:
+  except configs.UnknownConfig as err:
     raise SweepError(f"cell {cell.name}: {err}") from None
   except (flags.Error, config_lib.ConfigError) as err:
     raise SweepError(f"cell {cell.name}: {_without_traceback(str(err))}") from None
@@ -187,46 +180,23 @@ def _without_traceback(text: str) -> str:
   return f"{head.strip()} {tail.strip().splitlines()[-1]}" if sep and tail.strip() else text
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return json.loads(json.dumps(out, default=list))  # tuples -> lists, as in the workdir
-
-
-def config_diff(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-  """Flat fields that differ between two configs, ignoring fields a resume may change."""
-  from ggr_jax.train.loop import RESUMABLE_CHANGES  # pylint: disable=import-outside-toplevel
-  before, now = _flat(before), _flat(now)
-  return sorted(k for k in set(before) | set(now)
-                if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
-
-
-def checkpoint_step(workdir: pathlib.Path) -> int | None:
-  """The newest finished checkpoint step in ``workdir/checkpoints`` (orbax step folders)."""
-  steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
-  return max(steps) if steps else None
-
-
 def cell_state(workdir: pathlib.Path, cfg) -> tuple[str, int]:
   """``("done", steps)``, ``("resume", checkpoint step)`` or ``("new", 0)``.
 
   Raises :class:`SweepError` when the workdir holds a run of another config.
   """
   now = cfg.to_dict()
-  for name, read in (("summary.json", lambda s: s.get("config", {})), ("config.json", lambda c: c)):
-    path = workdir / name
+  for name, read in ((rundir.SUMMARY, lambda s: s.get("config", {})),
+                     (rundir.CONFIG, lambda c: c)):
+    path = rundir.path(workdir, name)
     if path.exists():
-      changed = config_diff(read(json.loads(path.read_text())), now)
+      changed = config_diff(read(rundir.read_json(path)), now)
       if changed:
         raise SweepError(f"{workdir} holds a run of another config ({', '.join(changed[:6])}); "
                          "delete it, rename the cell, or use another --root.")
-  summary = workdir / "summary.json"
+  summary = rundir.path(workdir, rundir.SUMMARY)
   if summary.exists():
-    return "done", int(json.loads(summary.read_text()).get("steps", 0))
+    return "done", int(rundir.read_json(summary).get("steps", 0))
   step = checkpoint_step(workdir)
   return ("resume", step) if step else ("new", 0)
 

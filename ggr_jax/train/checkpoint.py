@@ -7,6 +7,7 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 
+from ggr_jax import rundir
 from ggr_jax.train.state import TrainState
 
 
@@ -14,7 +15,7 @@ class Checkpointer:
   """Saves and restores :class:`TrainState`; keeps the newest ``max_to_keep`` steps."""
 
   def __init__(self, workdir: str | pathlib.Path, max_to_keep: int = 2):
-    directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    directory = rundir.checkpoint_dir(workdir)
     self._manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 

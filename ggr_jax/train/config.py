@@ -10,6 +10,7 @@ import ml_collections
 from ggr_jax.rectify import BASIS_SIGNS, GRANULARITIES, MODES, PER_SAMPLE_MODES, SUBSPACE_MODES
 from ggr_jax import ssl
 from ggr_jax.models import BACKBONES
+from ggr_jax.train import optim, step as step_lib
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet30")
 ANCHORS = ("joint", "labeled")
@@ -52,7 +53,7 @@ def _get(cfg, field: str) -> Any:
   node = cfg
   for part in field.split("."):
     if part not in node:
-      raise ConfigError(f"config.{field} is missing; start from ggr_jax.configs.default.")
+      raise ConfigError(f"config.{field} is missing; start from ggr_jax.configs.default (configs/default.py).")
     node = node[part]
   return node
 
@@ -75,9 +76,31 @@ def _dataset(cfg: ml_collections.ConfigDict) -> None:
     _fail("dataset.data_dir", cfg.dataset.data_dir, "must be a path string ('' = default)")
 
 
+def _algorithm(cfg: ml_collections.ConfigDict) -> None:
+  algo = ssl.get(cfg.algorithm)
+  if algo.name not in cfg:
+    raise ConfigError(f"config.{algo.name} is missing: the config needs the algorithm's block "
+                      f"(cfg.{algo.name} = <its module>.default_config()).")
+  if algo.validate is not None:
+    algo.validate(cfg[algo.name], lambda field, value, allowed: _fail(
+        f"{algo.name}.{field}", value, allowed))
+
+
+def _optimizer(cfg: ml_collections.ConfigDict) -> None:
+  if not isinstance(cfg.optim.name, str):
+    _fail("optim.name", cfg.optim.name, "must be an optax optimizer name")
+  try:
+    optim.optimizer_factory(cfg.optim.name)
+  except ValueError as err:
+    raise ConfigError(f"{err} Fix it with --config.optim.name=...") from None
+  if "kwargs" in cfg.optim and not isinstance(cfg.optim.kwargs, ml_collections.ConfigDict):
+    _fail("optim.kwargs", cfg.optim.kwargs, "must be a ConfigDict of keyword arguments")
+
+
 def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Raises :class:`ConfigError` naming the first invalid field and its allowed values."""
-  _choice(cfg, "algorithm", ssl.ALGORITHMS)
+  _choice(cfg, "algorithm", ssl.names())
+  _algorithm(cfg)
   _choice(cfg, "dataset.name", DATASETS)
   _choice(cfg, "model.backbone", BACKBONES)
   _choice(cfg, "ggr.mode", MODES)
@@ -108,6 +131,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   _number(cfg, "ggr.alpha", 0.0, float("inf"), high_open=True)
   _number(cfg, "ggr.aux_weight", 0.0, float("inf"), high_open=True)
   _number(cfg, "model.bn_momentum", 0.0, 1.0, low_open=True)
+  _optimizer(cfg)
   _number(cfg, "optim.lr", 0.0, float("inf"), low_open=True, high_open=True)
   _number(cfg, "optim.momentum", 0.0, 1.0, high_open=True)
   _number(cfg, "optim.weight_decay", 0.0, float("inf"), high_open=True)
@@ -129,16 +153,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   if crop and cfg.dataset.name == "imagenet30" and crop > cfg.dataset.image_size:
     _fail("augment.crop", crop, f"must not exceed dataset.image_size = {cfg.dataset.image_size}")
   _number(cfg, "augment.cutout", 0.0, 1.0)
-  for block, field in (("fixmatch", "p_cutoff"), ("iomatch", "p_cutoff"), ("iomatch", "q_cutoff"),
-                       ("openmatch", "p_cutoff"), ("openmatch", "inlier_threshold")):
-    _number(cfg, f"{block}.{field}", 0.0, 1.0)
-  _positive_int(cfg, "openmatch.fix_uratio")
 
   devices = num_devices or jax.device_count()
-  for field, size in (("batch_size", cfg.train.batch_size),
-                      ("uratio", cfg.train.batch_size * cfg.train.uratio)):
+  for source, size in step_lib.source_sizes(cfg).items():
     if size % devices:
-      what = "train.batch_size" if field == "batch_size" else "train.batch_size * train.uratio"
       raise ConfigError(
-          f"config.{what} = {size} is not divisible by the {devices} devices the batch is "
-          f"sharded over; choose a multiple of {devices} with --config.train.{field}=...")
+          f"the {source} batch of {cfg.algorithm} has {size} rows, not divisible by the "
+          f"{devices} devices the batch is sharded over; make every source a multiple of "
+          f"{devices} with --config.train.batch_size=... (and the algorithm's ratios, e.g. "
+          "--config.train.uratio=...).")

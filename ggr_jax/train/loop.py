@@ -4,35 +4,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import pathlib
 import signal
 import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ggr_jax import evaluate, ssl
-from ggr_jax.data import augment, imagenet30, tfds_sources
+from ggr_jax import evaluate, rundir
+from ggr_jax.data import imagenet30, tfds_sources
 from ggr_jax.data.digits import digits_split
 from ggr_jax.data.openset import OpenSetSplit
-from ggr_jax.data.stream import HostStream
-from ggr_jax.models import build_model
-from ggr_jax.ssl import openmatch
+from ggr_jax.train import build as build_lib
 from ggr_jax.train import config as config_lib
-from ggr_jax.train import distributed, optim, step as step_lib
+from ggr_jax.train import distributed, step as step_lib
 from ggr_jax.train.checkpoint import Checkpointer
+from ggr_jax.train.feeds import split_arrays
 from ggr_jax.train.metrics_log import MetricsLog, NullLog
-from ggr_jax.train.state import TrainState, create_train_state, make_apply_fn
+from ggr_jax.train.state import TrainState
 
-# Fields that may differ when a run resumes (they do not change the trajectory).
-RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every",
-                     "train.input", "train.prefetch",
-                     "train.eval_batch_size")
+RESUMABLE_CHANGES = rundir.RESUMABLE_CHANGES  # kept for importers of the old name
 
 
 class Interrupted(Exception):
@@ -73,42 +66,22 @@ def _first_test_images(split: OpenSetSplit, n: int) -> dict[str, np.ndarray]:
           ("x_test_id", "y_test_id", "x_test_full", "y_test_full", "test_full_is_id")}
 
 
-def _flat_config(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  out = {}
-
-  def walk(node, prefix):
-    for key, value in node.items():
-      if isinstance(value, (dict, ml_collections.ConfigDict)):
-        walk(value, f"{prefix}{key}.")
-      else:
-        out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-
-  walk(cfg.to_dict(), "")
-  return out
-
-
 def _check_same_run(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> None:
-  path = workdir / "config.json"
-  now = _flat_config(cfg)
+  path = rundir.path(workdir, rundir.CONFIG)
   if path.exists():
-    before = _flat_config(ml_collections.ConfigDict(json.loads(path.read_text())))
-    changed = sorted(k for k in set(now) | set(before)
-                     if k not in RESUMABLE_CHANGES and now.get(k) != before.get(k))
+    changed = rundir.config_diff(rundir.read_json(path), cfg.to_dict())
     if changed:
       raise config_lib.ConfigError(
           f"{workdir} holds a run with a different config ({', '.join(changed)}); resume it "
           "with the same config or choose a new --workdir.")
   distributed.barrier("ggr_jax.config_checked")  # every process read before process 0 writes
   if distributed.is_primary():
-    path.write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True, default=list))
+    rundir.write_json(path, cfg.to_dict(), sort_keys=True, default=list)
 
 
 def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
   """The config a workdir was trained with (``config.json``)."""
-  path = pathlib.Path(workdir) / "config.json"
-  if not path.exists():
-    raise FileNotFoundError(f"{path} not found: {workdir} is not a ggr-jax workdir.")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(rundir.read_config(workdir))
 
 
 @contextlib.contextmanager
@@ -143,96 +116,27 @@ class Trainer:
     self.cfg, self.progress, self.on_step = cfg, progress, on_step
     self.workdir = pathlib.Path(workdir)
     self.split = load_split(cfg)
-    self.algorithm = cfg.algorithm
-    self.model = build_model(cfg.model.backbone, self.split.num_classes, ssl.head(cfg.algorithm),
-                             bn_momentum=cfg.model.bn_momentum)
-    self.tx = optim.make_optimizer(cfg)
-    self.mesh = Mesh(np.array(devices), ("data",))
-    self.replicated = NamedSharding(self.mesh, P())
-    mean, std = self.split.mean, self.split.std
-    self.train_step = step_lib.make_train_step(cfg, self.model, self.tx, mean, std, self.mesh)
-    self.forward = step_lib.make_eval_forward(self.model, mean, std, cfg.augment.crop)
-    self._score_unlabeled = self._make_inlier_scorer(mean, std)
+    self.program = build_lib.build(cfg, build_lib.DataSpec.of_split(self.split),
+                                   build_lib.make_mesh(devices))
+    self.algorithm = self.program.algorithm
+    self.mesh = self.program.mesh
 
-  # -- pieces ------------------------------------------------------------------------
-  def _split_arrays(self) -> dict[str, np.ndarray]:
-    s = self.split
-    return {"x_labeled": s.x_labeled, "y_labeled": s.y_labeled.astype(np.int32),
-            "x_unlabeled": s.x_unlabeled, "unlabeled_is_id": s.unlabeled_is_id}
-
-  def _feed(self, state: TrainState, start: int):
-    """What the step reads: the split on device, or the host stream of raw batches."""
-    if self.cfg.train.input == "device":
-      return _ResidentData(jax.device_put(self._split_arrays(), self.replicated))
-    key = jax.random.fold_in(_host_copy(state.key), 0)
-    selected = _host_copy(state.selected) if self.algorithm == "openmatch" else None
-    return HostStream(self._split_arrays(), key, step_lib.source_sizes(self.cfg), self.mesh,
-                      start, selected=selected, prefetch=self.cfg.train.prefetch)
-
-  def _initial_state(self) -> TrainState:
-    s = self.split
-    state = create_train_state(self.model, self.tx, s.x_labeled.shape[1:],
-                               s.x_unlabeled.shape[0], self.cfg.train.seed)
-    return jax.device_put(state, self.replicated)
-
-  def _make_inlier_scorer(self, mean, std):
-    apply_fn = make_apply_fn(self.model)
-    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
-    aug = self.cfg.augment
-
-    def view(key, image):  # one image's weak view, from its own key
-      x = step_lib.crop_images(key, image[None].astype(jnp.float32) / 255.0, aug.crop, "random")
-      return augment.weak_augment(key, x, pad=aug.pad, flip=aug.flip)[0]
-
-    @jax.jit
-    def score(params, batch_stats, images, key, first_row):
-      rows = first_row + jnp.arange(images.shape[0])
-      x = jax.vmap(view)(jax.vmap(lambda r: jax.random.fold_in(key, r))(rows), images)
-      outputs, _ = apply_fn(params, batch_stats, augment.normalize(x, mean, std), False)
-      return openmatch.select_inliers(outputs, self.cfg.openmatch.inlier_threshold)
-
-    return score
-
-  def _maybe_select_inliers(self, state: TrainState, feed) -> TrainState:
-    """OpenMatch: the EMA model re-selects inliers at every epoch boundary from start_fix,
-    scoring the unlabeled set in ``eval_batch_size`` chunks (fixed shapes, bounded memory;
-    each image's weak view has its own key, so the chunk size does not change the result)."""
-    if self.algorithm != "openmatch":
-      return state
-    step, cfg = int(state.step), self.cfg
-    if step < cfg.openmatch.start_fix_steps or step % cfg.train.steps_per_epoch:
-      return state
-    key = jax.random.fold_in(jax.random.fold_in(state.key, 3), step)
-    images, size = self.split.x_unlabeled, cfg.train.eval_batch_size
-    parts = []
-    for begin in range(0, images.shape[0], size):
-      part = images[begin:begin + size]
-      rows = part.shape[0]
-      if rows < size:
-        part = np.concatenate([part, np.zeros((size - rows, *part.shape[1:]), part.dtype)])
-      flags = self._score_unlabeled(state.ema_params, state.batch_stats, part, key,
-                                    np.int32(begin))
-      parts.append(_host_copy(flags)[:rows])
-    selected = np.concatenate(parts)
-    feed.restart(step, selected)
-    return state.replace(selected=jax.device_put(selected, self.replicated))
+  def restore(self, ckpt: Checkpointer) -> TrainState:
+    """The newest checkpoint of the workdir, or a fresh state."""
+    state = self.program.init_state()
+    return state if ckpt.latest_step() is None else ckpt.restore(state)
 
   def evaluate(self, state: TrainState) -> dict[str, Any]:
     """Closed-set accuracy (ID test) and open-set metrics (full test) with EMA weights."""
     s, bs = self.split, self.cfg.train.eval_batch_size
-    out_id = step_lib.predict(self.forward, state.ema_params, state.batch_stats, s.x_test_id, bs)
-    out_full = step_lib.predict(self.forward, state.ema_params, state.batch_stats,
-                                s.x_test_full, bs)
-    result = evaluate.evaluate_outputs(self.algorithm, out_id, s.y_test_id, out_full,
+    forward = self.program.eval_forward
+    out_id = step_lib.predict(forward, state.ema_params, state.batch_stats, s.x_test_id, bs)
+    out_full = step_lib.predict(forward, state.ema_params, state.batch_stats, s.x_test_full, bs)
+    result = evaluate.evaluate_outputs(self.algorithm.ood_score, out_id, s.y_test_id, out_full,
                                        s.y_test_full, s.num_classes)
     result["closed_per_class_acc"] = evaluate.per_class_accuracy(
         out_id["logits"].argmax(-1), s.y_test_id, s.num_classes).tolist()
     return result
-
-  def restore(self, ckpt: Checkpointer) -> TrainState:
-    """The newest checkpoint of the workdir, or a fresh state."""
-    state = self._initial_state()
-    return state if ckpt.latest_step() is None else ckpt.restore(state)
 
   # -- the loop ----------------------------------------------------------------------
   def run(self) -> dict[str, Any] | None:
@@ -245,15 +149,15 @@ class Trainer:
     start = int(state.step)
     primary = distributed.is_primary()  # the one process that logs, prints and summarizes
     log = MetricsLog(workdir, resume_step=start) if primary else NullLog()
-    feed = self._feed(state, start)
+    feed = self.program.feed(split_arrays(self.split), state, start)
     total, pending, last_eval = cfg.train.steps, [], None
     bar = _progress(start, total, self.progress and primary)
     t0, wall_start, step = time.perf_counter(), time.perf_counter(), start
     try:
       with _stop_on_signals() as received:
         while step < total:
-          state = self._maybe_select_inliers(state, feed)
-          state, metrics = self.train_step(state, feed.next(step))
+          state = self.program.epoch_boundary(state, step, self.split.x_unlabeled, feed)
+          state, metrics = self.program.train_step(state, feed.next(step))
           pending.append(metrics)
           step += 1
           if step % cfg.train.log_every == 0 or step == total:
@@ -281,7 +185,7 @@ class Trainer:
       bar.close()
       if primary:
         print(f"\n{stop} received: checkpoint saved at step {int(state.step)} in "
-              f"{workdir / 'checkpoints'}; run the same command to resume.")
+              f"{rundir.checkpoint_dir(workdir)}; run the same command to resume.")
       return None
     finally:
       feed.close()
@@ -292,7 +196,7 @@ class Trainer:
       last_eval = self.evaluate(state)
     summary = self._summary(last_eval, step, time.perf_counter() - wall_start, start)
     if primary:
-      (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+      rundir.write_json(rundir.path(workdir, rundir.SUMMARY), summary)
     return summary
 
   def _summary(self, ev: dict[str, Any], step: int, wall: float, start: int) -> dict[str, Any]:
@@ -306,33 +210,12 @@ class Trainer:
         "closed_acc": ev["closed_acc"], "open_bacc": ev["open_bacc"], "auroc": ev["auroc"],
         "closed_per_class_acc": ev["closed_per_class_acc"],
         "open_per_class_acc": list(ev["per_class_acc"]), "threshold": ev["threshold"], "steps": step, "resumed_from": start,
-        "wall_s": wall, "algorithm": self.algorithm, "ggr_mode": self.cfg.ggr.mode,
+        "wall_s": wall, "algorithm": self.algorithm.name, "ggr_mode": self.cfg.ggr.mode,
         "unlabeled_ood_fraction": float(1.0 - np.mean(self.split.unlabeled_is_id)),
         "seed": self.cfg.train.seed, "device": self.mesh.devices.flat[0].device_kind,
         "num_devices": self.mesh.devices.size, "num_processes": jax.process_count(), **diag,
-        "config": _flat_config(self.cfg),
+        "config": rundir.flatten(self.cfg.to_dict()),
     }
-
-
-class _ResidentData:
-  """``train.input="device"``: the whole split on device; the step samples its batch."""
-
-  def __init__(self, data: dict[str, jax.Array]):
-    self.data = data
-
-  def next(self, step: int) -> dict[str, jax.Array]:  # pylint: disable=unused-argument
-    return self.data
-
-  def restart(self, step: int, selected=None) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
-
-
-def _host_copy(array: jax.Array) -> np.ndarray:
-  """This process's copy of a replicated array (also in a multi-process run)."""
-  return np.asarray(array.addressable_data(0))
 
 
 def _stop_agreed(received: list[int], step: int, log_every: int) -> bool:

@@ -7,6 +7,8 @@ import math
 import pathlib
 from typing import Any
 
+from ggr_jax import rundir
+
 
 def _clean(value: Any) -> Any:
   value = float(value)
@@ -17,7 +19,7 @@ class MetricsLog:
   """Appends ``{"step", "split", **metrics}`` records; on resume drops records past ``step``."""
 
   def __init__(self, workdir: pathlib.Path, resume_step: int = 0, tensorboard: bool = True):
-    self.path = workdir / "metrics.jsonl"
+    self.path = rundir.path(workdir, rundir.METRICS)
     if self.path.exists():
       kept = [line for line in self.path.read_text().splitlines()
               if line.strip() and json.loads(line)["step"] <= resume_step]
@@ -25,7 +27,7 @@ class MetricsLog:
     self._writer = None
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._writer = SummaryWriter(str(workdir / "tb"), purge_step=resume_step + 1)
+      self._writer = SummaryWriter(str(rundir.path(workdir, rundir.TENSORBOARD)), purge_step=resume_step + 1)
 
   def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
     record = {"step": step, "split": split, **{k: _clean(v) for k, v in metrics.items()}}
@@ -43,7 +45,7 @@ class MetricsLog:
 
 def read(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
   """Every record of a run's ``metrics.jsonl``."""
-  path = pathlib.Path(workdir) / "metrics.jsonl"
+  path = rundir.path(workdir, rundir.METRICS)
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

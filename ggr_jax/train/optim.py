@@ -1,7 +1,20 @@
-"""The optimizer of the official protocol, with the rectifier chained in front."""
+"""The optimizer from the config, with the rectifier first in the chain.
+
+``optim.name`` picks the optax optimizer: ``sgd`` (the official protocol: coupled L2
+weight decay, then SGD with Nesterov momentum), ``adamw``, ``lion``, ``muon``
+(``optax.contrib.muon``), or the name of any other optax alias (``optax.<name>`` or
+``optax.contrib.<name>``) with ``optim.kwargs`` passed on. Every optimizer runs on the
+learning-rate schedule of ``optim.lr`` and ``train.steps``.
+
+Weight decay (``optim.weight_decay``, on kernels only, see :func:`weight_decay_mask`):
+an optimizer that takes a decoupled ``weight_decay`` argument (AdamW, Lion, Muon)
+gets it there: ``p <- p - lr * (update + wd * p)`` after its own normalisation; any other
+(SGD included) gets coupled L2, ``g + wd * p`` before the optimizer, as officially.
+"""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -10,6 +23,10 @@ import ml_collections
 import optax
 
 import ggr_jax
+
+NAMED = ("sgd", "adamw", "lion", "muon")
+# The keyword each optimizer takes its decay mask under, where it decays decoupled.
+_DECOUPLED_MASK = {"adamw": "mask", "lion": "mask", "muon": "weight_decay_mask"}
 
 
 def usb_cosine_schedule(lr: float, total_steps: int, cycles: float = 7 / 16) -> Callable:
@@ -23,6 +40,11 @@ def usb_cosine_schedule(lr: float, total_steps: int, cycles: float = 7 / 16) -> 
     return lr * jnp.maximum(0.0, jnp.cos(jnp.pi * cycles * count / total_steps))
 
   return schedule
+
+
+def learning_rate(cfg: ml_collections.ConfigDict) -> Callable:
+  """The run's learning-rate schedule."""
+  return usb_cosine_schedule(cfg.optim.lr, cfg.train.steps)
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -47,12 +69,41 @@ def make_rectifier(ggr: ml_collections.ConfigDict) -> optax.GradientTransformati
       granularity=ggr.granularity)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
-  """rectify -> coupled L2 weight decay -> SGD with Nesterov momentum, on the schedule."""
+def optimizer_factory(name: str) -> Callable[..., optax.GradientTransformation]:
+  """``optax.<name>`` or ``optax.contrib.<name>``; ValueError if neither exists."""
+  for namespace in (optax, optax.contrib):
+    factory = getattr(namespace, name, None)
+    if callable(factory) and "learning_rate" in _parameters(factory):
+      return factory
+  raise ValueError(f"optim.name = {name!r} is no optax optimizer (optax.{name} or "
+                   f"optax.contrib.{name} taking a learning_rate); e.g. {', '.join(NAMED)}.")
+
+
+def _parameters(fn: Callable) -> tuple[str, ...]:
+  try:
+    return tuple(inspect.signature(fn).parameters)
+  except (TypeError, ValueError):
+    return ()
+
+
+def make_base_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Weight decay and the optimizer of ``cfg.optim``, on the schedule (no rectifier)."""
   optim = cfg.optim
-  schedule = usb_cosine_schedule(optim.lr, cfg.train.steps)
-  return optax.chain(
-      make_rectifier(cfg.ggr),
-      optax.add_decayed_weights(optim.weight_decay, mask=weight_decay_mask),
-      optax.sgd(schedule, momentum=optim.momentum, nesterov=optim.nesterov),
-  )
+  schedule = learning_rate(cfg)
+  kwargs = dict(optim.kwargs.to_dict()) if "kwargs" in optim else {}
+  if optim.name == "sgd":
+    kwargs.setdefault("momentum", optim.momentum)
+    kwargs.setdefault("nesterov", optim.nesterov)
+  factory = optimizer_factory(optim.name)
+  params = _parameters(factory)
+  mask_key = _DECOUPLED_MASK.get(optim.name, "mask" if "mask" in params else None)
+  if "weight_decay" in params and mask_key in params and "weight_decay" not in kwargs:
+    return factory(schedule, weight_decay=optim.weight_decay,
+                   **{mask_key: weight_decay_mask}, **kwargs)
+  return optax.chain(optax.add_decayed_weights(optim.weight_decay, mask=weight_decay_mask),
+                     factory(schedule, **kwargs))
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+  """rectify -> the configured optimizer (with its weight decay), on the schedule."""
+  return optax.chain(make_rectifier(cfg.ggr), make_base_optimizer(cfg))

@@ -13,7 +13,11 @@ from flax import linen as nn
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a run needs to continue exactly; ``key`` is a raw uint32 PRNG key."""
+  """Everything a run needs to continue exactly; ``key`` is a raw uint32 PRNG key.
+
+  ``algo_state`` is the algorithm's own state (``Algorithm.init_state``; e.g. OpenMatch's
+  selection mask), replicated like the parameters.
+  """
 
   step: jax.Array
   params: Any
@@ -21,7 +25,7 @@ class TrainState:
   opt_state: Any
   ema_params: Any
   key: jax.Array
-  selected: jax.Array  # bool per unlabeled sample: OpenMatch's inliers (all True otherwise)
+  algo_state: Any
 
 
 def make_apply_fn(model: nn.Module) -> Callable:
@@ -38,8 +42,9 @@ def make_apply_fn(model: nn.Module) -> Callable:
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, image_shape,
-                       num_unlabeled: int, seed: int) -> TrainState:
-  """Initialises parameters, BN statistics, optimizer state and the EMA copy.
+                       seed: int, init_algo_state: Callable[[], Any] = dict) -> TrainState:
+  """Initialises parameters, BN statistics, optimizer state, the EMA copy and the
+  algorithm state (``init_algo_state()``).
 
   One compiled program (op-by-op initialisation compiles every op of the network).
   """
@@ -56,7 +61,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, image
         opt_state=tx.init(params),
         ema_params=jax.tree.map(jnp.copy, params),
         key=jax.random.fold_in(key, 1),
-        selected=jnp.ones((num_unlabeled,), bool),
+        algo_state=init_algo_state(),
     )
 
   return init(jax.random.PRNGKey(seed))

@@ -18,20 +18,27 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ggr_jax import per_sample, ssl
 from ggr_jax.data import augment, crops, sampling
+from ggr_jax.ssl.interface import Algorithm, LossContext, Losses
 from ggr_jax.train import optim
 from ggr_jax.train.state import TrainState, make_apply_fn
 
 DIAGNOSTICS = ("cos_before", "cos_after", "conflict", "aux_norm_kept")
+RESERVED_TERMS = ("sup", "aux", "total")
 
 
 def algorithm_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config block of ``cfg.algorithm`` (empty if the config has none)."""
   return cfg[cfg.algorithm] if cfg.algorithm in cfg else ml_collections.ConfigDict()
 
 
-def batch_sizes(cfg: ml_collections.ConfigDict) -> dict[str, int]:
-  b = cfg.train.batch_size
-  return {"labeled": b, "unlabeled": b * cfg.train.uratio,
-          "selected": b * cfg.openmatch.fix_uratio}
+def source_sizes(cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  """Rows per index source of one batch, in the algorithm's source order."""
+  return ssl.get(cfg.algorithm).sizes(cfg.train, algorithm_config(cfg))
+
+
+def source_mask(algo: Algorithm, algo_state: Any) -> jax.Array | None:
+  """The rows the ``selected`` source draws from, if the algorithm has one."""
+  return None if algo.source_mask is None else algo.source_mask(algo_state)
 
 
 def make_augment_views(cfg: ml_collections.ConfigDict, mean, std, mesh: Mesh | None) -> Callable:
@@ -40,7 +47,7 @@ def make_augment_views(cfg: ml_collections.ConfigDict, mean, std, mesh: Mesh | N
   ``raw`` is :func:`ggr_jax.data.sampling.gather_rows`'s output: uint8 images per
   source and their label rows, gathered on device or streamed from the host.
   """
-  spec = ssl.get(cfg.algorithm).VIEWS
+  spec = ssl.get(cfg.algorithm).views
   aug = cfg.augment
   mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
@@ -70,22 +77,16 @@ def make_augment_views(cfg: ml_collections.ConfigDict, mean, std, mesh: Mesh | N
 
 
 def make_views(cfg: ml_collections.ConfigDict, mean, std, mesh: Mesh | None) -> Callable:
-  """``views(key, step, data, selected) -> batch``: sample from device data, then augment."""
+  """``views(key, step, data, mask) -> batch``: sample from device data, then augment."""
   augment_views = make_augment_views(cfg, mean, std, mesh)
-  return lambda key, step, data, selected: augment_views(
-      key, step, sample_on_device(cfg, key, step, data, selected))
+  return lambda key, step, data, mask: augment_views(
+      key, step, sample_on_device(cfg, key, step, data, mask))
 
 
-def source_sizes(cfg: ml_collections.ConfigDict) -> dict[str, int]:
-  """Rows per source of one batch, in the algorithm's source order."""
-  sizes = batch_sizes(cfg)
-  return {source: sizes[source] for source in ssl.get(cfg.algorithm).VIEWS}
-
-
-def sample_on_device(cfg: ml_collections.ConfigDict, key, step, data, selected) -> dict:
+def sample_on_device(cfg: ml_collections.ConfigDict, key, step, data, mask) -> dict:
   """The raw batch of ``step`` gathered from the device-resident ``data``."""
   counts = {name: data[name].shape[0] for name in ("x_labeled", "x_unlabeled")}
-  indices = sampling.batch_indices(key, step, source_sizes(cfg), counts, selected)
+  indices = sampling.batch_indices(key, step, source_sizes(cfg), counts, mask)
   return sampling.gather_rows(data, indices)
 
 
@@ -103,6 +104,16 @@ def crop_images(key: jax.Array, images: jax.Array, size: int, kind: str) -> jax.
   raise ValueError(f"unknown crop kind {kind!r}")
 
 
+def loss_metrics(out: Losses) -> dict[str, jax.Array]:
+  """``losses/<term>`` of every named term; the names must be unique and not reserved."""
+  names = [*out.supervised, *out.auxiliary]
+  clash = sorted({n for n in names if names.count(n) > 1} | set(names) & set(RESERVED_TERMS))
+  if clash:
+    raise ValueError(f"loss term names {clash} are repeated or reserved ({RESERVED_TERMS}); "
+                     "rename them in the algorithm's Losses.")
+  return {f"losses/{name}": value for name, value in {**out.supervised, **out.auxiliary}.items()}
+
+
 def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTransformation,
                     mean, std, mesh: Mesh | None = None) -> Callable:
   """A jitted ``train_step(state, data) -> (state, metrics)`` with the state donated.
@@ -113,7 +124,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
   algo, algo_cfg = ssl.get(cfg.algorithm), algorithm_config(cfg)
   apply_fn = make_apply_fn(model)
   views = make_augment_views(cfg, mean, std, mesh)
-  schedule = optim.usb_cosine_schedule(cfg.optim.lr, cfg.train.steps)
+  schedule = optim.learning_rate(cfg)
   ema_keep = cfg.optim.ema
 
   ggr = cfg.ggr
@@ -126,7 +137,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
 
   def train_step(state: TrainState, data: dict[str, jax.Array]):
     key = jax.random.fold_in(state.key, 0)
-    raw = data if streamed else sample_on_device(cfg, key, state.step, data, state.selected)
+    raw = data if streamed else sample_on_device(cfg, key, state.step, data,
+                                                 source_mask(algo, state.algo_state))
     batch = views(key, state.step, raw)
     rng = jax.random.fold_in(jax.random.fold_in(state.key, 2), state.step)
 
@@ -138,16 +150,26 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
       return jax.grad(sup_only)(state.params)
 
     def loss_fn(params):
-      sup, aux, new_stats, metrics = algo.losses(
-          apply_fn, params, state.batch_stats, batch, rng, state.step, algo_cfg)
-      terms, is_id = metrics.pop("per_sample/aux"), metrics.pop("per_sample/is_id")
-      return (sup, aux, terms), (new_stats, metrics, is_id)
+      out = algo.losses(LossContext(apply_fn, params, state.batch_stats, batch, rng, state.step,
+                                    algo_cfg, state.algo_state))
+      sup, aux = out.sup, out.aux
+      metrics = {**out.metrics, **loss_metrics(out)}
+      terms = out.sample_aux
+      if terms is None:
+        if per_sample_on:
+          raise ValueError(f"algorithm {algo.name!r} returns no per-sample auxiliary terms "
+                           "(Losses.sample_aux); per-sample geometry needs them.")
+        terms = jnp.zeros((0,), sup.dtype)
+      is_id = out.sample_is_id if out.sample_is_id is not None else \
+          jnp.ones(terms.shape, bool)
+      new_algo_state = state.algo_state if out.state is None else out.state
+      return (sup, aux, terms), (out.model_state, metrics, is_id, new_algo_state)
 
     extra = {}
     if per_sample_on:
       # One linearisation serves everything: its transpose gives both gradients, its
       # JVPs give every sample's inner products with any direction.
-      (sup, aux, terms), lin_fn, (new_stats, metrics, is_id) = jax.linearize(
+      (sup, aux, terms), lin_fn, (new_stats, metrics, is_id, algo_state) = jax.linearize(
           loss_fn, state.params, has_aux=True)
       transpose = jax.linear_transpose(lin_fn, state.params)
       zero_terms = jnp.zeros_like(terms)
@@ -161,7 +183,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
       if ggr.granularity == "per_sample":
         extra["aux_sample_dots"] = dots
     else:
-      (sup, aux, terms), vjp_fn, (new_stats, metrics, _) = jax.vjp(
+      (sup, aux, terms), vjp_fn, (new_stats, metrics, _, algo_state) = jax.vjp(
           loss_fn, state.params, has_aux=True)
       one, zero, zero_terms = jnp.ones_like(sup), jnp.zeros_like(sup), jnp.zeros_like(terms)
       if ggr.split_gradients:
@@ -182,7 +204,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
         "monitors/lr": schedule(state.step),
     }
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                              opt_state=opt_state, ema_params=ema_params)
+                              opt_state=opt_state, ema_params=ema_params,
+                              algo_state=algo_state)
     return new_state, metrics
 
   if mesh is None:

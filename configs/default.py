@@ -6,7 +6,7 @@ Every field can be overridden on the command line, e.g.
 
 import ml_collections
 
-from ggr_jax.ssl import fixmatch, iomatch, openmatch
+from ggr_jax import ssl
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -41,8 +41,13 @@ def get_config() -> ml_collections.ConfigDict:
       # unlabeled views) or "labeled" (a forward of the labeled views alone, with their own
       # BatchNorm statistics: about labeled/total of the cost of a second backward).
       anchor="joint"))
+  # name: sgd (official: coupled L2 then Nesterov SGD), adamw, lion, muon, or any optax
+  # optimizer name with kwargs passed on (set them in a config file); momentum and
+  # nesterov are SGD's. Weight decay is decoupled where the optimizer takes it
+  # (adamw, lion, muon), coupled L2 otherwise (ggr_jax.train.optim).
   cfg.optim = ml_collections.ConfigDict(dict(
-      lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4, ema=0.999))
+      name="sgd", lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4, ema=0.999,
+      kwargs=ml_collections.ConfigDict()))
 
   # input: "device" puts the whole split on device and samples each batch inside the
   # step; "stream" keeps it in host memory and streams each step's uint8 batch (every
@@ -54,10 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
       input="device", prefetch=2))
 
   epoch = cfg.train.get_ref("steps_per_epoch")
-  cfg.fixmatch = fixmatch.default_config()
-  cfg.iomatch = iomatch.default_config()
+  for name in ssl.names():  # one block per algorithm, registered ones included
+    cfg[name] = ssl.get(name).default_config()
   cfg.iomatch.op_warmup_steps = epoch
-  cfg.openmatch = openmatch.default_config()
   cfg.openmatch.start_fix_steps = epoch * 10
   cfg.openmatch.lambda_socr = 0.5
   return cfg
