@@ -221,6 +221,7 @@ def _embed_directions(dots_fn: Callable, block: list[int], leaves: list, treedef
 
 
 def _init_state(cfg: _Config, params: PyTree) -> RectifyState:
+  """The initial state: empty bases on the scoped leaves when ``k > 0``."""
   mask = _scope_mask(cfg.scope, params)
   leaves, treedef = jax.tree.flatten(params)
   zeros = jnp.zeros((), jnp.float32)
@@ -258,6 +259,7 @@ def _track(basis: list, size: jax.Array, g_sup: list, count: jax.Array, *, inter
 
 def _update(cfg: _Config, updates: PyTree, state: RectifyState, aux_grads: PyTree,
             aux_sample_dots: Callable | None) -> tuple[PyTree, RectifyState]:
+  """One update: tracks and rectifies every block of the scoped leaves."""
   _check_aux(updates, aux_grads)
   if cfg.granularity == "per_sample" and not callable(aux_sample_dots):
     raise TypeError(
