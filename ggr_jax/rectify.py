@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from ggr_jax import geometry
+from ggr_jax import rectify_rules as rules
 
 PyTree = Any
 Scope = Union[None, PyTree, Callable[[PyTree], PyTree]]
@@ -142,6 +143,70 @@ def _check_aux(updates: PyTree, aux_grads: PyTree) -> None:
           f"leaf of shape {jnp.shape(s)}.")
 
 
+class _Config(NamedTuple):
+  """The validated settings of one :func:`rectify` transformation."""
+
+  mode: str
+  k: int  # subspace_dim
+  alpha: Any
+  aux_weight: Any
+  scope: Scope
+  interval: Any  # subspace_interval; traced under inject_hyperparams
+  basis_signs: str
+  granularity: str
+  eps: Any
+  span_tol: Any
+
+
+def _validate(mode: str, *, alpha: Any, aux_weight: Any, scope: Scope, subspace_dim: Any,
+              subspace_interval: Any, basis_signs: str, granularity: str, eps: Any,
+              span_tol: Any) -> _Config:
+  """Checks the arguments of :func:`rectify`; returns them with the mode canonical."""
+  mode = _canonical_mode(mode)
+  k = _concrete_int(subspace_dim, "subspace_dim")
+  if k is None:
+    if mode in SUBSPACE_MODES:
+      raise TypeError(
+          f"subspace_dim must be a static Python int for mode {mode!r} (it fixes the "
+          f"state's shapes), got a traced {subspace_dim!r}. With optax.inject_hyperparams "
+          "pass static_args=('subspace_dim',).")
+    k = 0  # traced by inject_hyperparams; init (concrete) already validated it
+  concrete_interval = _concrete_int(subspace_interval, "subspace_interval")
+  if k < 0:
+    raise ValueError(f"subspace_dim must be >= 0, got {k}.")
+  if concrete_interval is not None and concrete_interval < 1:
+    raise ValueError(f"subspace_interval must be >= 1, got {concrete_interval}.")
+  if mode in SUBSPACE_MODES and k == 0:
+    raise ValueError(
+        f"mode {mode!r} projects onto a subspace of recent supervised directions and "
+        "needs subspace_dim > 0 (the paper uses 10). The official code silently "
+        "applies no rectification here.")
+  if mode not in SUBSPACE_MODES and k > 0:
+    raise ValueError(
+        f"subspace_dim={k} is only used by modes 'osr' and 'csr', not {mode!r}; "
+        "set subspace_dim=0 (tracking a subspace nobody reads costs a QR per step in "
+        "the official code).")
+  if basis_signs not in BASIS_SIGNS:
+    raise ValueError(f"basis_signs must be one of {BASIS_SIGNS}, got {basis_signs!r}.")
+  if granularity not in GRANULARITIES:
+    raise ValueError(
+        f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+  if granularity == "per_sample" and mode not in PER_SAMPLE_MODES:
+    raise ValueError(
+        f"granularity='per_sample' supports modes {PER_SAMPLE_MODES}, not {mode!r}: its "
+        "aggregate is not a function of the per-sample inner products alone.")
+  _check_nonnegative(alpha, "alpha")
+  _check_nonnegative(aux_weight, "aux_weight")
+  _check_nonnegative(eps, "eps")
+  if span_tol is not None:
+    _check_nonnegative(span_tol, "span_tol")
+  if scope is not None and not callable(scope):
+    jax.tree.map(lambda m: None, scope)  # must be a pytree
+  return _Config(mode=mode, k=k, alpha=alpha, aux_weight=aux_weight, scope=scope,
+                 interval=subspace_interval, basis_signs=basis_signs,
+                 granularity=granularity, eps=eps, span_tol=span_tol)
+
+
 def _embed_directions(dots_fn: Callable, block: list[int], leaves: list, treedef) -> Callable:
   """Adapts a full-tree ``dots_fn`` to directions given on the block's leaves only."""
 
@@ -155,18 +220,125 @@ def _embed_directions(dots_fn: Callable, block: list[int], leaves: list, treedef
   return dots
 
 
-class _Block(NamedTuple):
-  """One block's contribution: rectified pieces and the sums diagnostics need."""
+def _init_state(cfg: _Config, params: PyTree) -> RectifyState:
+  """The initial state: empty bases on the scoped leaves when ``k > 0``."""
+  mask = _scope_mask(cfg.scope, params)
+  leaves, treedef = jax.tree.flatten(params)
+  zeros = jnp.zeros((), jnp.float32)
+  basis = size = None
+  if cfg.k > 0:
+    basis = treedef.unflatten([
+        geometry.empty_basis(p, cfg.k) if m else optax.MaskedNode()
+        for p, m in zip(leaves, mask)
+    ])
+    if cfg.granularity != "per_leaf":
+      size = jnp.zeros((), jnp.int32)
+    else:
+      size = treedef.unflatten(
+          [jnp.zeros((), jnp.int32) if m else optax.MaskedNode() for m in mask])
+  return RectifyState(
+      count=jnp.zeros((), jnp.int32), basis=basis, basis_size=size,
+      tracker_skips=jnp.zeros((), jnp.int32), cos_before=zeros, cos_after=zeros,
+      conflict=zeros, aux_norm_kept=jnp.ones((), jnp.float32))
 
-  sup: list
-  aux: list
-  dot_before: jax.Array
-  dot_after: jax.Array
-  sup_sq: jax.Array
-  aux_sq: jax.Array
-  sup_sq_after: jax.Array
-  aux_sq_after: jax.Array
-  conflict: jax.Array
+
+def _track(basis: list, size: jax.Array, g_sup: list, count: jax.Array, *, interval: Any,
+           signs: str, eps: Any, span_tol: Any) -> tuple[list, jax.Array, jax.Array]:
+  """Refreshes one block's basis with ``g_sup`` on steps where ``count % interval == 0``."""
+
+  def refresh(operand):
+    b, s = operand
+    return tuple(geometry.subspace_update(b, s, g_sup, signs=signs, eps=eps, span_tol=span_tol))
+
+  def keep(operand):
+    b, s = operand
+    return b, s, jnp.ones((), bool)
+
+  return jax.lax.cond(count % interval == 0, refresh, keep, (basis, size))
+
+
+def _update(cfg: _Config, updates: PyTree, state: RectifyState, aux_grads: PyTree,
+            aux_sample_dots: Callable | None) -> tuple[PyTree, RectifyState]:
+  """One update: tracks and rectifies every block of the scoped leaves."""
+  _check_aux(updates, aux_grads)
+  if cfg.granularity == "per_sample" and not callable(aux_sample_dots):
+    raise TypeError(
+        "granularity='per_sample' needs aux_sample_dots=fn, where fn(directions) returns "
+        "the (B, m) inner products of each sample's auxiliary gradient with m directions "
+        "(a params-shaped tree with a leading axis m); see ggr_jax.per_sample.sample_dots.")
+  mask = _scope_mask(cfg.scope, updates)
+  g_leaves, treedef = jax.tree.flatten(updates)
+  a_leaves = treedef.flatten_up_to(aux_grads)
+  dtype = geometry.compute_dtype(updates)
+  weight = jnp.asarray(cfg.aux_weight, dtype)
+  g_up = [g.astype(jnp.promote_types(g.dtype, jnp.float32)) for g in g_leaves]
+  a_up = [weight * a.astype(jnp.promote_types(a.dtype, jnp.float32)) for a in a_leaves]
+  out = [g + a for g, a in zip(g_up, a_up)]  # unscoped leaves: the plain sum
+
+  scoped = [i for i, m in enumerate(mask) if m]
+  blocks = [[i] for i in scoped] if cfg.granularity == "per_leaf" else [scoped]
+  position = {i: p for p, i in enumerate(scoped)}  # leaf index -> basis leaf index
+  basis_leaves = jax.tree.leaves(state.basis) if cfg.k > 0 else None
+  size_leaves = jax.tree.leaves(state.basis_size) if cfg.k > 0 else None
+  new_basis_leaves, new_sizes, skips = [], [], jnp.zeros((), jnp.int32)
+  results = []
+  for block_id, block in enumerate(blocks):
+    g_s = [g_up[i] for i in block]
+    a = [a_up[i] for i in block]
+    basis = None
+    if cfg.k > 0:
+      basis, size, accepted = _track(
+          [basis_leaves[position[i]] for i in block], size_leaves[block_id], g_s,
+          state.count, interval=cfg.interval, signs=cfg.basis_signs, eps=cfg.eps,
+          span_tol=cfg.span_tol)
+      new_basis_leaves.extend(basis)
+      new_sizes.append(size)
+      skips = skips + (~accepted).astype(jnp.int32)
+    dots = None
+    if cfg.granularity == "per_sample":
+      dots = _embed_directions(aux_sample_dots, block, g_leaves, treedef)
+    res = rules.rectify_block(cfg.mode, g_s, a, basis, weight, dots, alpha=cfg.alpha,
+                              eps=cfg.eps)
+    results.append(res)
+    for j, i in enumerate(block):
+      out[i] = res.sup[j] + res.aux[j]
+
+  new_updates = treedef.unflatten([o.astype(g.dtype) for o, g in zip(out, g_leaves)])
+  return new_updates, _next_state(state, results, new_basis_leaves, new_sizes, skips, cfg.k)
+
+
+def _next_state(state: RectifyState, results: list[rules.Block], basis_leaves: list,
+                sizes: list, skips: jax.Array, k: int) -> RectifyState:
+  """The state after one update: count, tracked bases and the diagnostics of ``results``."""
+  tiny = jnp.finfo(jnp.float32).tiny
+
+  def total(field):
+    vals = [getattr(r, field) for r in results]
+    return sum(vals[1:], vals[0]).astype(jnp.float32) if vals else jnp.zeros((), jnp.float32)
+
+  def cosine(dot, sq1, sq2):
+    return dot / jnp.maximum(jnp.sqrt(sq1) * jnp.sqrt(sq2), tiny)
+
+  aux_sq = total("aux_sq")
+  kept = jnp.where(aux_sq > 0, jnp.sqrt(total("aux_sq_after")) / jnp.sqrt(
+      jnp.maximum(aux_sq, tiny)), 1.0)
+  conflict = (jnp.mean(jnp.stack([r.conflict for r in results]).astype(jnp.float32))
+              if results else jnp.zeros((), jnp.float32))
+  basis, basis_size = state.basis, state.basis_size
+  if k > 0:
+    it = iter(basis_leaves)
+    basis = jax.tree.map(lambda _: next(it), state.basis)
+    it_size = iter(sizes)
+    basis_size = jax.tree.map(lambda _: next(it_size), state.basis_size)
+  return RectifyState(
+      count=optax.safe_increment(state.count),
+      basis=basis,
+      basis_size=basis_size,
+      tracker_skips=state.tracker_skips + skips,
+      cos_before=cosine(total("dot_before"), total("sup_sq"), aux_sq),
+      cos_after=cosine(total("dot_after"), total("sup_sq_after"), total("aux_sq_after")),
+      conflict=conflict,
+      aux_norm_kept=kept.astype(jnp.float32))
 
 
 def rectify(
@@ -248,210 +420,19 @@ def rectify(
     >>> float(optax.tree.get(state, "cos_before"))
     -0.7071...
   """
-  mode = _canonical_mode(mode)
-  k = _concrete_int(subspace_dim, "subspace_dim")
-  if k is None:
-    if mode in SUBSPACE_MODES:
-      raise TypeError(
-          f"subspace_dim must be a static Python int for mode {mode!r} (it fixes the "
-          f"state's shapes), got a traced {subspace_dim!r}. With optax.inject_hyperparams "
-          "pass static_args=('subspace_dim',).")
-    k = 0  # traced by inject_hyperparams; init (concrete) already validated it
-  interval = subspace_interval
-  concrete_interval = _concrete_int(subspace_interval, "subspace_interval")
-  if k < 0:
-    raise ValueError(f"subspace_dim must be >= 0, got {k}.")
-  if concrete_interval is not None and concrete_interval < 1:
-    raise ValueError(f"subspace_interval must be >= 1, got {concrete_interval}.")
-  if mode in SUBSPACE_MODES and k == 0:
-    raise ValueError(
-        f"mode {mode!r} projects onto a subspace of recent supervised directions and "
-        "needs subspace_dim > 0 (the paper uses 10). The official code silently "
-        "applies no rectification here.")
-  if mode not in SUBSPACE_MODES and k > 0:
-    raise ValueError(
-        f"subspace_dim={k} is only used by modes 'osr' and 'csr', not {mode!r}; "
-        "set subspace_dim=0 (tracking a subspace nobody reads costs a QR per step in "
-        "the official code).")
-  if basis_signs not in BASIS_SIGNS:
-    raise ValueError(f"basis_signs must be one of {BASIS_SIGNS}, got {basis_signs!r}.")
-  if granularity not in GRANULARITIES:
-    raise ValueError(
-        f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
-  if granularity == "per_sample" and mode not in PER_SAMPLE_MODES:
-    raise ValueError(
-        f"granularity='per_sample' supports modes {PER_SAMPLE_MODES}, not {mode!r}: its "
-        "aggregate is not a function of the per-sample inner products alone.")
-  _check_nonnegative(alpha, "alpha")
-  _check_nonnegative(aux_weight, "aux_weight")
-  _check_nonnegative(eps, "eps")
-  if span_tol is not None:
-    _check_nonnegative(span_tol, "span_tol")
-  if scope is not None and not callable(scope):
-    jax.tree.map(lambda m: None, scope)  # must be a pytree
-
-  def blocks_of(scoped: list[int]) -> list[list[int]]:
-    return [[i] for i in scoped] if granularity == "per_leaf" else [scoped]
+  cfg = _validate(mode, alpha=alpha, aux_weight=aux_weight, scope=scope,
+                  subspace_dim=subspace_dim, subspace_interval=subspace_interval,
+                  basis_signs=basis_signs, granularity=granularity, eps=eps,
+                  span_tol=span_tol)
 
   def init_fn(params: PyTree) -> RectifyState:
-    mask = _scope_mask(scope, params)
-    leaves, treedef = jax.tree.flatten(params)
-    zeros = jnp.zeros((), jnp.float32)
-    basis = size = None
-    if k > 0:
-      basis = treedef.unflatten([
-          geometry.empty_basis(p, k) if m else optax.MaskedNode()
-          for p, m in zip(leaves, mask)
-      ])
-      if granularity != "per_leaf":
-        size = jnp.zeros((), jnp.int32)
-      else:
-        size = treedef.unflatten(
-            [jnp.zeros((), jnp.int32) if m else optax.MaskedNode() for m in mask])
-    return RectifyState(
-        count=jnp.zeros((), jnp.int32), basis=basis, basis_size=size,
-        tracker_skips=jnp.zeros((), jnp.int32), cos_before=zeros, cos_after=zeros,
-        conflict=zeros, aux_norm_kept=jnp.ones((), jnp.float32))
+    return _init_state(cfg, params)
 
-  def track(basis: list, size: jax.Array, g_sup: list, count: jax.Array):
-    """Refreshes one block's basis with ``g_sup`` on scheduled steps."""
-
-    def refresh(operand):
-      b, s = operand
-      return tuple(geometry.subspace_update(
-          b, s, g_sup, signs=basis_signs, eps=eps, span_tol=span_tol))
-
-    def keep(operand):
-      b, s = operand
-      return b, s, jnp.ones((), bool)
-
-    return jax.lax.cond(count % interval == 0, refresh, keep, (basis, size))
-
-  def rectify_block(g_s: list, a: list, basis: list | None, weight: jax.Array,
-                    sample_dots: Callable | None = None) -> _Block:
-    d = geometry.tree_vdot(a, g_s)
-    s_sq, a_sq = geometry.tree_sq_norm(g_s), geometry.tree_sq_norm(a)
-    finite = jnp.isfinite(d) & jnp.isfinite(s_sq) & jnp.isfinite(a_sq)
-    conflict = d < 0
-    new_s = g_s
-    if sample_dots is not None:  # per-sample rectification of a = weight * sum_i g_i
-      directions = [g[None] if basis is None or mode != "csr" else
-                    jnp.concatenate([g[None].astype(b.dtype), b], axis=0)
-                    for g, b in zip(g_s, basis or [None] * len(g_s))]
-      coeffs = weight * sample_dots(directions)  # (B, 1) or (B, 1 + k)
-      finite = finite & jnp.all(jnp.isfinite(coeffs))
-      conflict = jnp.mean(coeffs[:, 0] < 0)
-      if mode == "vlr":
-        coef = alpha * jnp.sum(jnp.minimum(coeffs[:, 0], 0)) / jnp.maximum(s_sq, eps)
-        new_a = geometry.tree_axpy(-coef, g_s, a)
-      elif mode == "csr":
-        removed = geometry.basis_combination(jnp.sum(jnp.minimum(coeffs[:, 1:], 0), 0), basis, a)
-        new_a = [x - r for x, r in zip(a, removed)]
-      elif mode == "osr":  # linear: per-sample and batch projections coincide
-        new_a = geometry.orthogonal_project(a, basis)
-      else:
-        new_a = a
-    elif mode == "sum":
-      new_a = a
-    elif mode == "vlr":
-      new_a = geometry.halfspace_project(a, g_s, alpha, eps)
-    elif mode == "pcgrad_sym":
-      new_s = geometry.halfspace_project(g_s, a, alpha, eps)
-      new_a = geometry.halfspace_project(a, g_s, alpha, eps)
-    elif mode == "conflict_drop":
-      new_a = [jnp.where(conflict, jnp.zeros_like(x), x) for x in a]
-    elif mode == "osr":
-      new_a = geometry.orthogonal_project(a, basis)
-    else:
-      new_a = geometry.conic_project(a, basis)
-
-    def guard(new, old):
-      return [jnp.where(finite, n, o) for n, o in zip(new, old)]
-
-    new_s, new_a = guard(new_s, g_s), guard(new_a, a)
-    return _Block(
-        sup=new_s, aux=new_a, dot_before=d, dot_after=geometry.tree_vdot(new_a, new_s),
-        sup_sq=s_sq, aux_sq=a_sq, sup_sq_after=geometry.tree_sq_norm(new_s),
-        aux_sq_after=geometry.tree_sq_norm(new_a),
-        conflict=jnp.where(finite, conflict, False).astype(jnp.float32))
-
-  def update_fn(updates, state, params=None, *, aux_grads=None, aux_sample_dots=None,
-                **extra_args):
+  def update_fn(updates: PyTree, state: RectifyState, params: PyTree = None, *,
+                aux_grads: PyTree = None, aux_sample_dots: Callable | None = None,
+                **extra_args: Any) -> tuple[PyTree, RectifyState]:
     del params, extra_args
-    _check_aux(updates, aux_grads)
-    if granularity == "per_sample" and not callable(aux_sample_dots):
-      raise TypeError(
-          "granularity='per_sample' needs aux_sample_dots=fn, where fn(directions) returns "
-          "the (B, m) inner products of each sample's auxiliary gradient with m directions "
-          "(a params-shaped tree with a leading axis m); see ggr_jax.per_sample.sample_dots.")
-    mask = _scope_mask(scope, updates)
-    g_leaves, treedef = jax.tree.flatten(updates)
-    a_leaves = treedef.flatten_up_to(aux_grads)
-    dtype = geometry.compute_dtype(updates)
-    weight = jnp.asarray(aux_weight, dtype)
-    g_up = [g.astype(jnp.promote_types(g.dtype, jnp.float32)) for g in g_leaves]
-    a_up = [weight * a.astype(jnp.promote_types(a.dtype, jnp.float32)) for a in a_leaves]
-    out = [g + a for g, a in zip(g_up, a_up)]  # unscoped leaves: the plain sum
-
-    scoped = [i for i, m in enumerate(mask) if m]
-    position = {i: p for p, i in enumerate(scoped)}  # leaf index -> basis leaf index
-    basis_leaves = jax.tree.leaves(state.basis) if k > 0 else None
-    size_leaves = jax.tree.leaves(state.basis_size) if k > 0 else None
-    new_basis_leaves, new_sizes, skips = [], [], jnp.zeros((), jnp.int32)
-    results = []
-    for block_id, block in enumerate(blocks_of(scoped)):
-      g_s = [g_up[i] for i in block]
-      a = [a_up[i] for i in block]
-      basis = None
-      if k > 0:
-        positions = [position[i] for i in block]
-        basis, size, accepted = track(
-            [basis_leaves[p] for p in positions], size_leaves[block_id], g_s, state.count)
-        new_basis_leaves.extend(basis)
-        new_sizes.append(size)
-        skips = skips + (~accepted).astype(jnp.int32)
-      dots = None
-      if granularity == "per_sample":
-        dots = _embed_directions(aux_sample_dots, block, g_leaves, treedef)
-      res = rectify_block(g_s, a, basis, weight, dots)
-      results.append(res)
-      for j, i in enumerate(block):
-        out[i] = res.sup[j] + res.aux[j]
-
-    new_updates = treedef.unflatten([o.astype(g.dtype) for o, g in zip(out, g_leaves)])
-    new_state = _next_state(state, results, new_basis_leaves, new_sizes, skips)
-    return new_updates, new_state
-
-  def _next_state(state, results, basis_leaves, sizes, skips) -> RectifyState:
-    tiny = jnp.finfo(jnp.float32).tiny
-
-    def total(field):
-      vals = [getattr(r, field) for r in results]
-      return sum(vals[1:], vals[0]).astype(jnp.float32) if vals else jnp.zeros((), jnp.float32)
-
-    def cosine(dot, sq1, sq2):
-      return dot / jnp.maximum(jnp.sqrt(sq1) * jnp.sqrt(sq2), tiny)
-
-    aux_sq = total("aux_sq")
-    kept = jnp.where(aux_sq > 0, jnp.sqrt(total("aux_sq_after")) / jnp.sqrt(
-        jnp.maximum(aux_sq, tiny)), 1.0)
-    conflict = (jnp.mean(jnp.stack([r.conflict for r in results]).astype(jnp.float32))
-                if results else jnp.zeros((), jnp.float32))
-    basis, basis_size = state.basis, state.basis_size
-    if k > 0:
-      it = iter(basis_leaves)
-      basis = jax.tree.map(lambda _: next(it), state.basis)
-      it_size = iter(sizes)
-      basis_size = jax.tree.map(lambda _: next(it_size), state.basis_size)
-    return RectifyState(
-        count=optax.safe_increment(state.count),
-        basis=basis,
-        basis_size=basis_size,
-        tracker_skips=state.tracker_skips + skips,
-        cos_before=cosine(total("dot_before"), total("sup_sq"), aux_sq),
-        cos_after=cosine(total("dot_after"), total("sup_sq_after"), total("aux_sq_after")),
-        conflict=conflict,
-        aux_norm_kept=kept.astype(jnp.float32))
+    return _update(cfg, updates, state, aux_grads, aux_sample_dots)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -12,7 +12,8 @@ import optax
 import pytest
 
 import ggr_jax
-from ggr_jax import geometry
+from ggr_jax import geometry, rectify_rules
+from ggr_jax.rectify import PER_SAMPLE_MODES
 from tests.conftest import TREE_SHAPES, random_tree
 
 SUITE = list(itertools.product(range(len(TREE_SHAPES)), range(5)))
@@ -248,6 +249,11 @@ def test_bad_configuration_fails_at_construction(kwargs, match):
   mode = kwargs.pop("mode")
   with pytest.raises((ValueError, TypeError), match=match):
     ggr_jax.rectify(mode, **kwargs)
+
+
+def test_every_mode_has_exactly_one_rule():
+  assert tuple(rectify_rules.RULES) == ggr_jax.MODES
+  assert set(rectify_rules.SAMPLE_RULES) == set(PER_SAMPLE_MODES)
 
 
 def test_official_mode_aliases_are_accepted():
