@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -50,3 +53,44 @@ def test_train_state_adapter_loads_flax_on_first_access():
 def test_unknown_attribute_is_an_attribute_error():
   with pytest.raises(AttributeError, match="no_such_name"):
     getattr(ggr_jax, "no_such_name")
+
+
+def _lint_imports(root: pathlib.Path) -> subprocess.CompletedProcess:
+  """``lint-imports`` with this repository's contracts, on the ggr_jax package under ``root``."""
+  env = dict(os.environ, PYTHONPATH=str(root))
+  script = ("import sys; from importlinter.cli import lint_imports_command; "
+            "sys.exit(lint_imports_command())")
+  return subprocess.run([sys.executable, "-c", script, "--config", str(REPO / "pyproject.toml"),
+                         "--no-cache"], cwd=root, env=env, capture_output=True, text=True,
+                        timeout=300, check=False)
+
+
+def test_the_import_layers_hold():
+  pytest.importorskip("importlinter")
+  proc = _lint_imports(REPO)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "1 kept, 0 broken" in proc.stdout
+
+
+def test_a_lower_layer_importing_a_higher_one_breaks_the_contract(tmp_path):
+  pytest.importorskip("importlinter")
+  shutil.copytree(REPO / "ggr_jax", tmp_path / "ggr_jax",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  geometry = tmp_path / "ggr_jax" / "geometry.py"
+  geometry.write_text(geometry.read_text() + "\nfrom ggr_jax.train import loop  # noqa\n")
+  proc = _lint_imports(tmp_path)
+  assert proc.returncode != 0
+  assert "ggr_jax.geometry -> ggr_jax.train.loop" in proc.stdout, proc.stdout
+
+
+def test_only_the_top_layers_import_the_configs():
+  allowed = {"cli.py", "bench.py", "sweep"}
+  for path in sorted((REPO / "ggr_jax").rglob("*.py")):
+    if path.relative_to(REPO / "ggr_jax").parts[0] in allowed:
+      continue
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+               [f"{node.module}.{a.name}" for a in node.names]
+               if isinstance(node, ast.ImportFrom) and node.module else [])
+      assert not any(n.startswith("ggr_jax.configs") for n in names), (path, names)
