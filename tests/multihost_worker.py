@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
   trainer = loop.Trainer(loop.load_run_config(workdir), workdir, progress=False)
   ckpt = Checkpointer(workdir)
   state = trainer.restore(ckpt)
-  initial = trainer._initial_state()  # pylint: disable=protected-access
+  initial = trainer.program.init_state()
   ckpt.close()
   arrays = {}
   for prefix, params in (("final", state.params), ("init", initial.params)):

@@ -84,3 +84,13 @@ def test_diagnostics_plot_from_a_run_with_per_sample_metrics(tmp_path, capsys):
   capsys.readouterr()
   assert cli.main(["diagnostics", f"--workdir={tmp_path / 'b'}"]) == 2
   assert "sample_diagnostics=True" in capsys.readouterr().err
+
+
+def test_a_config_resolves_alike_from_the_checkout_path_and_by_name(monkeypatch):
+  from ggr_jax import configs  # pylint: disable=import-outside-toplevel
+  from tests.conftest import REPO  # pylint: disable=import-outside-toplevel
+  monkeypatch.chdir(REPO)
+  by_path = configs.load(["--config", "configs/fixmatch_ggr.py", "--config.train.seed=3"])
+  by_name = configs.load(["--config", "fixmatch_ggr", "--config.train.seed=3"])
+  assert by_path.to_dict() == by_name.to_dict() and by_name.train.seed == 3
+  assert configs.CONFIG_DIR == REPO / "configs"  # the installed package is the top-level folder
