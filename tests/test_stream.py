@@ -138,9 +138,9 @@ def test_streamed_training_equals_device_sampled_training(algorithm, tmp_path):
     cfg.train.input = mode
     trainer = loop.Trainer(cfg, tmp_path / mode, progress=False, devices=jax.devices()[:2])
     trainer.run()
-    assert trainer.train_step._cache_size() == 1  # pylint: disable=protected-access
+    assert trainer.program.train_step._cache_size() == 1  # pylint: disable=protected-access
     params.append(_final_params(trainer, tmp_path / mode))
-  initial = jax.device_get(trainer._initial_state().params)  # pylint: disable=protected-access
+  initial = jax.device_get(trainer.program.init_state().params)
   assert max(float(np.max(np.abs(a - b))) for a, b in
              zip(jax.tree.leaves(params[0]), jax.tree.leaves(initial))) > 1e-4
   jax.tree.map(np.testing.assert_array_equal, params[0], params[1])
