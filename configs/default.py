@@ -40,7 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
       # where the supervised anchor comes from: "joint" (the forward shared with the
       # unlabeled views) or "labeled" (a forward of the labeled views alone, with their own
       # BatchNorm statistics: about labeled/total of the cost of a second backward).
-      anchor="joint"))
+      anchor="joint",
+      # the first rectified step: before it the update is the plain sum (the official
+      # GGR-OpenMatch starts at OpenMatch's start_fix; the grid's OpenMatch cells do too)
+      start_step=0))
   # name: sgd (official: coupled L2 then Nesterov SGD), adamw, lion, muon, or any optax
   # optimizer name with kwargs passed on (set them in a config file); momentum and
   # nesterov are SGD's. Weight decay is decoupled where the optimizer takes it
@@ -57,6 +60,11 @@ def get_config() -> ml_collections.ConfigDict:
       seed=0, steps=2000, steps_per_epoch=100, batch_size=32, uratio=7,
       log_every=50, eval_every=500, checkpoint_every=500, eval_batch_size=256,
       input="device", prefetch=2))
+
+  # threshold: the open-set decision rule. "official": the official eval.py's, a fixed
+  # 0.95 on the maximum softmax probability (FixMatch, supervised) and Otsu on the test
+  # scores (IOMatch, OpenMatch); "otsu": Otsu on the test scores for every algorithm.
+  cfg.eval = ml_collections.ConfigDict(dict(threshold="official"))
 
   epoch = cfg.train.get_ref("steps_per_epoch")
   for name in ssl.names():  # one block per algorithm, registered ones included

@@ -3,12 +3,15 @@
 * closed accuracy: argmax of the closed-set logits on the ID samples;
 * open balanced accuracy: ``balanced_accuracy_score`` over ``K + 1`` classes, every
   OOD label mapped to ``K`` ("unknown") and the prediction replaced by ``K`` where
-  the algorithm's OOD score crosses an Otsu threshold;
+  the algorithm's OOD score crosses the threshold of :data:`THRESHOLD_RULES`;
 * AUROC of ID vs OOD from the same score (the official code reports none; OOD is
   the positive class, the score oriented so that larger means more OOD).
 
-The threshold is, as in the official code, Otsu's threshold on the scores of the
-evaluated test set itself, i.e. transductive: it uses the test scores (not labels).
+The threshold rule ``"official"`` is the official ``eval.py``'s: for the IOMatch and
+OpenMatch scores, Otsu's threshold on the scores of the evaluated test set itself
+(transductive: it uses the test scores, not labels); for the maximum softmax probability
+(FixMatch, the supervised baseline), the fixed 0.95. ``"otsu"`` takes Otsu's threshold
+for every score, so that all algorithms are thresholded alike.
 
 Example:
   >>> import numpy as np
@@ -44,6 +47,26 @@ _SCORE_KIND = {
     "ggropenmatch": "ova",
 }
 ALGORITHMS = tuple(_SCORE_KIND)
+THRESHOLD_RULES = ("official", "otsu")
+# score kind -> the official eval.py's fixed threshold (the others take Otsu's)
+OFFICIAL_FIXED_THRESHOLD = {"msp": 0.95}
+
+
+def threshold_for(algorithm: str, score: np.ndarray, rule: str = "official") -> float:
+  """The decision threshold of ``algorithm``'s score under ``rule`` (:data:`THRESHOLD_RULES`).
+
+  Example:
+    >>> threshold_for("fixmatch", np.array([0.2, 0.9, 0.99]))
+    0.95
+  """
+  if rule not in THRESHOLD_RULES:
+    raise ValueError(f"threshold rule {rule!r} is unknown; choose one of {THRESHOLD_RULES}.")
+  kind = _SCORE_KIND.get(algorithm)
+  if kind is None:
+    raise ValueError(f"No OOD score for algorithm {algorithm!r}; supported: {ALGORITHMS}.")
+  if rule == "official" and kind in OFFICIAL_FIXED_THRESHOLD:
+    return OFFICIAL_FIXED_THRESHOLD[kind]
+  return otsu_threshold(score)
 
 
 def _logits_2d(logits: Any, name: str) -> np.ndarray:
@@ -246,8 +269,10 @@ def open_set_metrics(closed_logits: np.ndarray, score: np.ndarray, unknown_if: U
 
 def evaluate_outputs(algorithm: str, outputs_id_test: Mapping[str, np.ndarray],
                      labels_id: np.ndarray, outputs_full: Mapping[str, np.ndarray],
-                     labels_full: np.ndarray, num_classes: int) -> dict[str, Any]:
-  """Closed accuracy on the ID test split plus the open-set metrics on the full split.
+                     labels_full: np.ndarray, num_classes: int,
+                     threshold_rule: str = "official") -> dict[str, Any]:
+  """Closed accuracy on the ID test split plus the open-set metrics on the full split,
+  thresholded by ``threshold_rule`` (:func:`threshold_for`).
 
   Returns the keys of :func:`open_set_metrics`, with ``closed_acc`` taken from the ID
   split (the official training-time metric) and the full split's ID-row accuracy
@@ -260,6 +285,8 @@ def evaluate_outputs(algorithm: str, outputs_id_test: Mapping[str, np.ndarray],
     raise ValueError(f"labels_id must be ID labels 0..{num_classes - 1}, got {np.max(labels_id)}.")
   closed_acc = closed_set_accuracy(outputs_id_test["logits"], labels_id)
   score, unknown_if = ood_score(algorithm, outputs_full)
-  metrics = open_set_metrics(outputs_full["logits"], score, unknown_if, labels_full, num_classes)
+  threshold = threshold_for(algorithm, score, threshold_rule)
+  metrics = open_set_metrics(outputs_full["logits"], score, unknown_if, labels_full, num_classes,
+                             threshold=threshold)
   metrics["full_closed_acc"] = metrics.pop("closed_acc")
   return {"algorithm": algorithm, "closed_acc": closed_acc, **metrics}

@@ -156,11 +156,12 @@ class _Config(NamedTuple):
   granularity: str
   eps: Any
   span_tol: Any
+  start_step: int
 
 
 def _validate(mode: str, *, alpha: Any, aux_weight: Any, scope: Scope, subspace_dim: Any,
               subspace_interval: Any, basis_signs: str, granularity: str, eps: Any,
-              span_tol: Any) -> _Config:
+              span_tol: Any, start_step: Any = 0) -> _Config:
   """Checks the arguments of :func:`rectify`; returns them with the mode canonical."""
   mode = _canonical_mode(mode)
   k = _concrete_int(subspace_dim, "subspace_dim")
@@ -202,9 +203,12 @@ def _validate(mode: str, *, alpha: Any, aux_weight: Any, scope: Scope, subspace_
     _check_nonnegative(span_tol, "span_tol")
   if scope is not None and not callable(scope):
     jax.tree.map(lambda m: None, scope)  # must be a pytree
+  start = _concrete_int(start_step, "start_step")
+  if start is None or start < 0:
+    raise ValueError(f"start_step must be a static integer >= 0, got {start_step!r}.")
   return _Config(mode=mode, k=k, alpha=alpha, aux_weight=aux_weight, scope=scope,
                  interval=subspace_interval, basis_signs=basis_signs,
-                 granularity=granularity, eps=eps, span_tol=span_tol)
+                 granularity=granularity, eps=eps, span_tol=span_tol, start_step=start)
 
 
 def _embed_directions(dots_fn: Callable, block: list[int], leaves: list, treedef) -> Callable:
@@ -259,8 +263,23 @@ def _track(basis: list, size: jax.Array, g_sup: list, count: jax.Array, *, inter
 
 def _update(cfg: _Config, updates: PyTree, state: RectifyState, aux_grads: PyTree,
             aux_sample_dots: Callable | None) -> tuple[PyTree, RectifyState]:
-  """One update: tracks and rectifies every block of the scoped leaves."""
+  """One update; before ``cfg.start_step`` the plain sum with the basis left alone."""
   _check_aux(updates, aux_grads)
+  if cfg.start_step == 0:
+    return _rectify_blocks(cfg, updates, state, aux_grads, aux_sample_dots)
+  # the sum keeps the block layout of the state; per-sample inner products are not needed
+  warmup = cfg._replace(mode="sum", granularity="global" if cfg.granularity == "per_sample"
+                        else cfg.granularity)
+  return jax.lax.cond(
+      state.count >= cfg.start_step,
+      lambda: _rectify_blocks(cfg, updates, state, aux_grads, aux_sample_dots),
+      lambda: _rectify_blocks(warmup, updates, state, aux_grads, None, track=False))
+
+
+def _rectify_blocks(cfg: _Config, updates: PyTree, state: RectifyState, aux_grads: PyTree,
+                    aux_sample_dots: Callable | None, track: bool = True
+                    ) -> tuple[PyTree, RectifyState]:
+  """Tracks (if ``track``) and rectifies every block of the scoped leaves."""
   if cfg.granularity == "per_sample" and not callable(aux_sample_dots):
     raise TypeError(
         "granularity='per_sample' needs aux_sample_dots=fn, where fn(directions) returns "
@@ -286,7 +305,10 @@ def _update(cfg: _Config, updates: PyTree, state: RectifyState, aux_grads: PyTre
     g_s = [g_up[i] for i in block]
     a = [a_up[i] for i in block]
     basis = None
-    if cfg.k > 0:
+    if cfg.k > 0 and not track:
+      new_basis_leaves.extend(basis_leaves[position[i]] for i in block)
+      new_sizes.append(size_leaves[block_id])
+    elif cfg.k > 0:
       basis, size, accepted = _track(
           [basis_leaves[position[i]] for i in block], size_leaves[block_id], g_s,
           state.count, interval=cfg.interval, signs=cfg.basis_signs, eps=cfg.eps,
@@ -353,6 +375,7 @@ def rectify(
     granularity: str = "global",
     eps: float = 1e-12,
     span_tol: float | None = None,
+    start_step: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Geometric Gradient Rectification of an auxiliary gradient against a supervised one.
 
@@ -384,6 +407,13 @@ def rectify(
   placed after the rectifier (it checks the updates it receives) skips such a
   step. A non-finite ``g_s`` is also not fed to the tracker.
 
+  Before ``start_step`` updates (``count < start_step``) the output is the plain sum
+  ``g_s + a`` and the subspace is not tracked, as in the official GGR-OpenMatch, which
+  rectifies only from OpenMatch's ``start_fix`` on. The diagnostics still measure the
+  inputs (``cos_before``, ``conflict``; per-sample granularity reports the batch
+  conflict there) and describe what was applied (``cos_after = cos_before``,
+  ``aux_norm_kept = 1``).
+
   Args:
     mode: one of ``sum, vlr, osr, csr, pcgrad_sym, conflict_drop`` (official
       aliases such as ``pcgrad`` are accepted).
@@ -404,6 +434,7 @@ def rectify(
       conflicting samples.
     eps: clamp of squared norms in denominators.
     span_tol: tracker threshold for "inside the span" (default: dtype dependent).
+    start_step: the first update that is rectified (a static int >= 0).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`RectifyState`.
@@ -423,7 +454,7 @@ def rectify(
   cfg = _validate(mode, alpha=alpha, aux_weight=aux_weight, scope=scope,
                   subspace_dim=subspace_dim, subspace_interval=subspace_interval,
                   basis_signs=basis_signs, granularity=granularity, eps=eps,
-                  span_tol=span_tol)
+                  span_tol=span_tol, start_step=start_step)
 
   def init_fn(params: PyTree) -> RectifyState:
     return _init_state(cfg, params)

@@ -3,12 +3,16 @@
 Writes into the root:
 
 - ``results.csv``: one row per run (cell, algorithm, dataset, labels, mode, seed,
-  closed_acc, open_bacc, auroc, wall_s, steps, then any config field that tells runs of
+  closed_acc, open_bacc, auroc, the official figures (``official_*``, see
+  :func:`ggr_jax.train.loop.official_figures`), wall_s, steps, then any config field that tells runs of
   the same group apart, e.g. ``ggr.alpha`` in an alpha ablation).
 - ``results.md``: one row per (dataset, labels, algorithm, setting, mode): mean ± sample
   std (ddof=1) over seeds, and the delta of each mode over the ``sum`` baseline of the
   same (dataset, labels, algorithm, setting): ``mean(mode) - mean(sum)``, ± the sample
-  std of the per-seed differences (paired over the seeds both have).
+  std of the per-seed differences (paired over the seeds both have). The honest
+  figures (final EMA weights) come first, with deltas; then, where the runs logged them,
+  the official figures (best EMA closed accuracy selected on the test split; open-set
+  metrics of that step's raw weights), which show the optimism of that selection.
 - ``accuracy_by_mode.png``: closed acc, open balanced acc and AUROC per mode, grouped by
   algorithm, error bars = std over seeds; ``learning_curves.png``: ``eval/closed_acc``
   against the step per mode, mean (± std) over seeds, from each run's ``metrics.jsonl``.
@@ -35,12 +39,14 @@ from ggr_jax.rectify import MODES
 from ggr_jax.train.metrics_log import read
 
 METRICS = {"closed_acc": "closed acc", "open_bacc": "open bal. acc", "auroc": "AUROC"}
+OFFICIAL = {"official_closed_acc": "closed acc (official)",
+            "official_open_bacc": "open bal. acc (official)", "official_auroc": "AUROC (official)"}
 BASELINE = "sum"
 KEY_FIELDS = ("algorithm", "dataset.name", "dataset.labels_per_class", "ggr.mode", "train.seed")
 # Fields that never tell two runs apart: those a resume may change.
 IGNORED = rundir.RESUMABLE_CHANGES
 CSV_FIELDS = ("cell", "algorithm", "dataset", "labels", "mode", "seed", "closed_acc",
-              "open_bacc", "auroc", "wall_s", "steps")
+              "open_bacc", "auroc", *OFFICIAL, "wall_s", "steps")
 
 
 @dataclasses.dataclass
@@ -59,6 +65,9 @@ class Run:
   steps: int
   workdir: pathlib.Path
   config: dict[str, Any]
+  official_closed_acc: float = float("nan")
+  official_open_bacc: float = float("nan")
+  official_auroc: float = float("nan")
   setting: str = ""  # unusual non-ggr fields, e.g. "train.steps=500"
   variant: str = ""  # unusual ggr.* fields, e.g. "ggr.alpha=0.5"
 
@@ -88,7 +97,7 @@ def collect(root: str | pathlib.Path) -> list[Run]:
         mode=cfg.get("ggr.mode", s.get("ggr_mode")), seed=cfg.get("train.seed", s.get("seed")),
         closed_acc=_float(s.get("closed_acc")), open_bacc=_float(s.get("open_bacc")),
         auroc=_float(s.get("auroc")), wall_s=_float(s.get("wall_s")), steps=s.get("steps"),
-        workdir=path.parent, config=cfg))
+        workdir=path.parent, config=cfg, **{k: _float(s.get(k)) for k in OFFICIAL}))
   _label_variants(runs)
   return runs
 
@@ -148,10 +157,10 @@ def aggregate(runs: list[Run]) -> list[dict[str, Any]]:
     base_keys.sort(key=lambda k: (k[5] != key[5], len(k[5])))  # same variant, else plainest
     base = groups[base_keys[0]] if base_keys and key[4] != BASELINE else None
     row["baseline"] = base[0].label if base else None
-    for metric in METRICS:
+    for metric in (*METRICS, *OFFICIAL):
       values = [getattr(r, metric) for r in members]
       row[f"{metric}_mean"], row[f"{metric}_std"] = float(np.mean(values)), _sample_std(values)
-      if base:
+      if base and metric in METRICS:
         here, there = _by_seed(members, metric), _by_seed(base, metric)
         paired = [here[s] - there[s] for s in here if s in there]
         row[f"delta_{metric}"] = row[f"{metric}_mean"] - float(np.mean([getattr(r, metric)
@@ -187,12 +196,18 @@ def _pct(mean: float, std: float, sign: str = "") -> str:
 def write_markdown(groups: list[dict[str, Any]], path: pathlib.Path, root: pathlib.Path,
                    figures: list[pathlib.Path]) -> pathlib.Path:
   with_setting = any(g["setting"] for g in groups)
+  official = [m for m in OFFICIAL if any(math.isfinite(g[f"{m}_mean"]) for g in groups)]
   head = ["dataset", "labels", "algorithm", *(["setting"] if with_setting else []), "mode", "n",
-          *METRICS.values(), *(f"Δ {name}" for name in METRICS.values())]
+          *METRICS.values(), *(f"Δ {name}" for name in METRICS.values()),
+          *(OFFICIAL[m] for m in official)]
   lines = [f"# Results of {root}", "",
            f"{sum(g['n'] for g in groups)} runs. Mean ± sample std (ddof=1) over seeds, in %. "
            f"Δ = mean(mode) − mean({BASELINE}) of the same dataset, labels, algorithm and "
-           "setting, in points, ± the std of the per-seed paired differences.", "",
+           "setting, in points, ± the std of the per-seed paired differences."
+           + (" The first metrics are the final EMA weights'; the (official) ones are the "
+              "official code's selection: the best EMA closed accuracy over the evaluations, "
+              "chosen on the test split, and the open-set metrics of that step's raw weights."
+              if official else ""), "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for g in groups:
     cells = [g["dataset"], str(g["labels"]), g["algorithm"],
@@ -204,6 +219,7 @@ def write_markdown(groups: list[dict[str, Any]], path: pathlib.Path, root: pathl
       cells += ["no baseline"] * len(METRICS)
     else:
       cells += [_pct(g[f"delta_{m}"], g[f"delta_{m}_std"], "+") for m in METRICS]
+    cells += [_pct(g[f"{m}_mean"], g[f"{m}_std"]) for m in official]
     lines.append("| " + " | ".join(cells) + " |")
   lines += [""] + [f"![{p.stem}]({p.name})" for p in figures]
   path.write_text("\n".join(lines) + "\n")

@@ -34,7 +34,7 @@ CHECKPOINTS = "checkpoints"
 # data set is read from). The same fields never tell two runs apart in a report.
 RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every",
                      "train.input", "train.prefetch", "train.eval_batch_size",
-                     "dataset.data_dir")
+                     "dataset.data_dir", "eval.threshold")
 
 
 def path(workdir: str | os.PathLike, name: str) -> pathlib.Path:

@@ -184,3 +184,31 @@ def test_evaluate_outputs_combines_both_splits():
   assert out["auroc"] == pytest.approx(0.75)
   assert out["open_bacc"] == pytest.approx(2 / 3)
   assert out["algorithm"] == "openmatch"
+
+
+@pytest.mark.parametrize("algorithm", ["fixmatch", "supervised", "msp"])
+def test_official_rule_rejects_msp_below_a_fixed_095(algorithm):
+  # Otsu on these MSPs would split {0.55, 0.6} from {0.9, 0.93, 0.97, 0.99}; the official
+  # eval.py rejects every MSP below 0.95, so the 0.9 and 0.93 rows become unknown too.
+  msp = np.array([0.99, 0.9, 0.93, 0.97, 0.55, 0.6])
+  logits = np.log(np.stack([msp, 1.0 - msp], axis=1))  # argmax 0 everywhere, MSP = msp
+  labels = np.array([0, 0, 0, 0, 2, 2])
+  official = evaluate.evaluate_outputs(algorithm, {"logits": logits[:4]}, labels[:4],
+                                       {"logits": logits}, labels, 2)
+  otsu = evaluate.evaluate_outputs(algorithm, {"logits": logits[:4]}, labels[:4],
+                                   {"logits": logits}, labels, 2, threshold_rule="otsu")
+  assert official["threshold"] == 0.95 and official["unknown_rate"] == pytest.approx(4 / 6)
+  assert 0.6 < otsu["threshold"] < 0.9 and otsu["unknown_rate"] == pytest.approx(2 / 6)
+  assert official["auroc"] == otsu["auroc"]  # the threshold moves no ranking
+
+
+@pytest.mark.parametrize("algorithm", ["iomatch", "openmatch"])
+def test_official_rule_is_otsu_for_the_open_set_heads(algorithm):
+  score = np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.25])
+  assert evaluate.threshold_for(algorithm, score) == evaluate.otsu_threshold(score)
+  assert evaluate.threshold_for(algorithm, score, "otsu") == evaluate.otsu_threshold(score)
+
+
+def test_unknown_threshold_rule_names_the_choices():
+  with pytest.raises(ValueError, match="choose one of .'official', 'otsu'"):
+    evaluate.threshold_for("fixmatch", np.ones(3), "fixed")

@@ -53,6 +53,25 @@ def test_every_paper_cell_is_a_valid_config_with_its_own_values():
     ("dataset=digits,labels=10", "dataset.labels_per_class", 10),
     ("ggr=osr", "ggr.subspace_dim", 10),
     ("anchor=labeled", "ggr.anchor", "labeled"),
+    # the official protocol where results depend on it (issue 11)
+    ("dataset=cifar100_50,algorithm=openmatch", "openmatch.lambda_socr", 1.0),
+    ("dataset=cifar100_20,algorithm=openmatch", "openmatch.lambda_socr", 1.0),
+    ("dataset=cifar10,algorithm=openmatch", "openmatch.lambda_socr", 0.5),
+    ("dataset=imagenet30,algorithm=openmatch", "openmatch.lambda_socr", 0.5),
+    ("dataset=cifar10,algorithm=openmatch", "ggr.start_step", 10240),
+    ("dataset=digits,algorithm=openmatch", "ggr.start_step", 1000),
+    ("dataset=cifar10,algorithm=iomatch", "ggr.start_step", 0),
+    ("dataset=cifar10", "ggr.scope", "backbone"),
+    ("dataset=cifar10,algorithm=openmatch,scope=official", "ggr.scope", "all"),
+    ("dataset=cifar10,algorithm=iomatch,scope=official", "ggr.scope", "backbone"),
+    ("dataset=cifar10,algorithm=iomatch,scope=all", "ggr.scope", "all"),
+    ("dataset=imagenet30,algorithm=iomatch,ggr=sum,baseline=official", "train.steps", 102400),
+    ("dataset=imagenet30,algorithm=iomatch,ggr=sum,baseline=official", "train.uratio", 2),
+    ("dataset=imagenet30,algorithm=openmatch,ggr=sum,baseline=official",
+     "optim.weight_decay", 3e-4),
+    ("dataset=imagenet30,algorithm=iomatch,ggr=sum", "train.steps", 204800),
+    ("dataset=imagenet30,algorithm=iomatch,ggr=sum", "optim.weight_decay", 5e-4),
+    ("dataset=cifar10,algorithm=iomatch,ggr=sum,baseline=official", "train.steps", 262144),
 ])
 def test_each_dataset_gets_its_official_protocol(cell, field, value):
   cfg = grid.get_config(cell)
@@ -71,10 +90,20 @@ def test_each_dataset_gets_its_official_protocol(cell, field, value):
     ("steps=5", "unknown grid key 'steps'"),
     ("runlocal=maybe", "True or False"),
     ("algorithm=supervised,ggr=vlr", "no auxiliary loss"),
+    ("scope=head", "choose one of backbone, all, official"),
+    ("ggr=vlr,baseline=official", "only the sum baseline"),
 ])
 def test_bad_cells_name_the_key_and_the_choices(cell, message):
   with pytest.raises(ValueError, match=message):
     grid.get_config(cell)
+
+
+def test_openmatch_rectification_starts_with_its_fixmatch_stage_when_either_is_moved():
+  cfg = grid.get_config("algorithm=openmatch,dataset=cifar10")
+  cfg.openmatch.start_fix_steps = 77
+  assert cfg.ggr.start_step == 77
+  cfg = grid.get_config("algorithm=openmatch,dataset=cifar10,runlocal=True")
+  assert cfg.ggr.start_step == cfg.openmatch.start_fix_steps == 2
 
 
 def _smoke(tmp_path, cell, **dataset):

@@ -191,6 +191,31 @@ def test_subspace_interval_schedules_tracker_updates():
   assert sizes == [1, 1, 2, 2, 3]  # refreshed on steps 0, 2, 4
 
 
+@pytest.mark.parametrize("mode", ["vlr", "csr", "conflict_drop"])
+@pytest.mark.parametrize("granularity", ["global", "per_leaf"])
+def test_before_start_step_the_update_is_the_plain_sum_and_untracked(mode, granularity):
+  g_sup, g_aux = _grads(2, 0)
+  start = 3
+  kwargs = dict(_kwargs(mode), granularity=granularity)
+  late = jax.jit(ggr_jax.rectify(mode, start_step=start, **kwargs).update)
+  plain, fresh = ggr_jax.rectify("sum"), ggr_jax.rectify(mode, **kwargs)
+  state = ggr_jax.rectify(mode, start_step=start, **kwargs).init(g_sup)
+  for _ in range(start):
+    out, state = late(g_sup, state, aux_grads=g_aux)
+    np.testing.assert_allclose(_flat(out), _flat(_apply(plain, g_sup, g_aux)[0]), rtol=1e-6)
+    assert float(state.aux_norm_kept) == 1.0
+    assert float(state.cos_before) < 0 and float(state.conflict) > 0  # the conflict is measured
+    np.testing.assert_allclose(float(state.cos_after), float(state.cos_before), rtol=1e-6)
+  if mode == "csr":
+    assert jax.tree.leaves(state.basis_size) and all(
+        int(n) == 0 for n in jax.tree.leaves(state.basis_size))
+  # from start_step on: exactly what the rectifier does on its own first step
+  out, state = late(g_sup, state, aux_grads=g_aux)
+  np.testing.assert_allclose(_flat(out), _flat(_apply(fresh, g_sup, g_aux)[0]), rtol=1e-6)
+  assert not np.allclose(_flat(out), _flat(_apply(plain, g_sup, g_aux)[0]))
+  assert int(state.count) == start + 1
+
+
 @pytest.mark.parametrize("mode", ggr_jax.MODES)
 @pytest.mark.parametrize("where", ["sup", "aux"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -244,6 +269,8 @@ def test_apply_if_finite_around_the_chain_skips_a_non_finite_anchor():
     (dict(mode="vlr", granularity="per_row"), "granularity must be one of"),
     (dict(mode="vlr", alpha=-1.0), "alpha must be finite and >= 0"),
     (dict(mode="vlr", aux_weight=float("nan")), "aux_weight must be finite"),
+    (dict(mode="vlr", start_step=-1), "start_step must be a static integer >= 0"),
+    (dict(mode="vlr", start_step=1.5), "start_step must be an integer"),
 ])
 def test_bad_configuration_fails_at_construction(kwargs, match):
   mode = kwargs.pop("mode")

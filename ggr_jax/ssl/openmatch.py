@@ -6,10 +6,13 @@ batch, plus, from ``start_fix_steps`` on, ``lambda_fix * CE(strong, argmax weak)
 batch drawn from the inliers the EMA model selected (``p_cutoff = 0``: every selected
 sample counts). The selection itself (:func:`select_inliers`) runs at epoch boundaries.
 
-One forward serves everything (the DESIGN rule), so the selected batch shares the
-BatchNorm statistics of the rest; the official code runs it through a second forward.
-Before ``start_fix_steps`` the selected views are still in the forward (fixed shapes
-under jit) with zero loss weight.
+The forwards follow the official code (``selected_forward="separate"``, the default):
+one forward of the labeled and unlabeled views, then, from ``start_fix_steps`` on only,
+a second forward of the selected batch, which normalises with its own BatchNorm
+statistics and updates the running averages a second time (a ``lax.cond`` on the step:
+before the FixMatch stage the selected views cost nothing and touch no statistics).
+``"joint"`` runs all six views through one forward (one launch, shared statistics; the
+selected views enter it before ``start_fix_steps`` too, at zero loss weight).
 
 The algorithm state is the selection mask ``{"selected": bool (num_unlabeled,)}`` (all
 True until the first selection); the ``selected`` source draws its rows from it.
@@ -35,7 +38,7 @@ LABELED_VIEWS = ("x_lb_w0", "x_lb_w1")
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       lambda_em=0.1, lambda_socr=0.5, lambda_fix=1.0, p_cutoff=0.0, start_fix_steps=10240,
-      fix_uratio=2, inlier_threshold=0.5))
+      fix_uratio=2, inlier_threshold=0.5, selected_forward="separate"))
 
 
 def supervised_parts(labeled: list[dict], batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -57,9 +60,8 @@ def losses(ctx: LossContext) -> Losses:
   """Terms: supervised ``sup_closed``, ``sup_ova``; auxiliary ``em``, ``socr``, ``fix``
   (each weighted; ``fix`` is 0 before ``start_fix_steps``)."""
   cfg, batch = ctx.cfg, ctx.batch
-  parts = [batch[k] for k in ("x_lb_w0", "x_lb_w1", "x_ulb_w0", "x_ulb_w1", "x_sel_w", "x_sel_s")]
-  (lb0, lb1, u0, u1, sel_w, sel_s), new_state = common.forward_concat(
-      ctx.apply_fn, ctx.params, ctx.model_state, parts)
+  fix_on = (jnp.asarray(ctx.step) >= cfg.start_fix_steps).astype(jnp.float32)
+  (lb0, lb1, u0, u1, sel_w, sel_s), new_state = _forwards(ctx, fix_on > 0)
   closed, ova = supervised_parts([lb0, lb1], batch)
   em_terms = 0.5 * (common.ova_entropy_terms(u0["logits_ova"])
                     + common.ova_entropy_terms(u1["logits_ova"]))
@@ -69,7 +71,7 @@ def losses(ctx: LossContext) -> Losses:
   mask = (jnp.max(probs, -1) >= cfg.p_cutoff).astype(probs.dtype)
   pseudo = jax.nn.one_hot(jnp.argmax(probs, -1), probs.shape[-1], dtype=probs.dtype)
   fix_terms = common.soft_cross_entropy_terms(sel_s["logits"], pseudo, mask)
-  fix_on = (jnp.asarray(ctx.step) >= cfg.start_fix_steps).astype(fix_terms.dtype)
+  fix_on = fix_on.astype(fix_terms.dtype)
   # per-sample terms over the unlabeled batch, then the selected batch
   terms = jnp.concatenate([cfg.lambda_em * em_terms + cfg.lambda_socr * socr_terms,
                            fix_on * cfg.lambda_fix * fix_terms])
@@ -85,6 +87,26 @@ def losses(ctx: LossContext) -> Losses:
       metrics={"monitors/fix_on": fix_on,
                **common.accepted_ood_fraction(mask * fix_on, batch.get("sel_is_id"))},
       sample_aux=terms, sample_is_id=is_id)
+
+
+def _forwards(ctx: LossContext, fix_on: jax.Array) -> tuple[list[dict], object]:
+  """Outputs of the six views and the new BatchNorm state (see the module docstring)."""
+  batch = ctx.batch
+  main = [batch[k] for k in ("x_lb_w0", "x_lb_w1", "x_ulb_w0", "x_ulb_w1")]
+  selected = [batch["x_sel_w"], batch["x_sel_s"]]
+  if ctx.cfg.selected_forward == "joint":
+    return common.forward_concat(ctx.apply_fn, ctx.params, ctx.model_state, main + selected)
+  outputs, state = common.forward_concat(ctx.apply_fn, ctx.params, ctx.model_state, main)
+
+  def second(state):
+    return common.forward_concat(ctx.apply_fn, ctx.params, state, selected)
+
+  def skipped(state):
+    shapes = jax.eval_shape(second, state)[0]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), state
+
+  sel_outputs, state = jax.lax.cond(fix_on, second, skipped, state)
+  return outputs + sel_outputs, state
 
 
 def inlier_score(outputs: dict) -> jax.Array:
@@ -127,6 +149,9 @@ def validate(cfg: ml_collections.ConfigDict, fail) -> None:
       fail(field, cfg[field], "must be a number in [0, 1]")
   if not isinstance(cfg.fix_uratio, int) or cfg.fix_uratio < 1:
     fail("fix_uratio", cfg.fix_uratio, "must be a positive integer")
+  if cfg.selected_forward not in ("separate", "joint"):
+    fail("selected_forward", cfg.selected_forward, "choose 'separate' (official: a second "
+         "forward from start_fix_steps on) or 'joint' (one forward of all views)")
 
 
 ALGORITHM = Algorithm(

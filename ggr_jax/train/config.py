@@ -9,6 +9,7 @@ import ml_collections
 
 from ggr_jax.rectify import BASIS_SIGNS, GRANULARITIES, MODES, PER_SAMPLE_MODES, SUBSPACE_MODES
 from ggr_jax import ssl
+from ggr_jax.evaluate import THRESHOLD_RULES
 from ggr_jax.models import BACKBONES
 from ggr_jax.train import optim, step as step_lib
 
@@ -128,6 +129,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   if cfg.ggr.mode in SUBSPACE_MODES:
     _positive_int(cfg, "ggr.subspace_dim")
   _positive_int(cfg, "ggr.subspace_interval")
+  start = cfg.ggr.start_step
+  if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+    _fail("ggr.start_step", start, "must be an integer >= 0 (the first rectified step)")
   _number(cfg, "ggr.alpha", 0.0, float("inf"), high_open=True)
   _number(cfg, "ggr.aux_weight", 0.0, float("inf"), high_open=True)
   _number(cfg, "model.bn_momentum", 0.0, 1.0, low_open=True)
@@ -137,6 +141,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   _number(cfg, "optim.weight_decay", 0.0, float("inf"), high_open=True)
   _number(cfg, "optim.ema", 0.0, 1.0, high_open=True)
   _choice(cfg, "train.input", ("device", "stream"))
+  _choice(cfg, "eval.threshold", THRESHOLD_RULES)
   for field in ("steps", "steps_per_epoch", "batch_size", "uratio", "log_every", "eval_every",
                 "checkpoint_every", "eval_batch_size", "prefetch"):
     _positive_int(cfg, f"train.{field}")

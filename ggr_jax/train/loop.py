@@ -26,6 +26,8 @@ from ggr_jax.train.metrics_log import MetricsLog, NullLog
 from ggr_jax.train.state import TrainState
 
 RESUMABLE_CHANGES = rundir.RESUMABLE_CHANGES  # kept for importers of the old name
+RAW_PREFIX = "eval_raw"  # metrics.jsonl keys of the raw (non-EMA) weights' evaluation
+OFFICIAL_METRICS = ("closed_acc", "open_bacc", "auroc")
 
 
 class Interrupted(Exception):
@@ -126,14 +128,16 @@ class Trainer:
     state = self.program.init_state()
     return state if ckpt.latest_step() is None else ckpt.restore(state)
 
-  def evaluate(self, state: TrainState) -> dict[str, Any]:
-    """Closed-set accuracy (ID test) and open-set metrics (full test) with EMA weights."""
+  def evaluate(self, state: TrainState, weights: str = "ema") -> dict[str, Any]:
+    """Closed-set accuracy (ID test) and open-set metrics (full test) with the EMA
+    (``weights="ema"``) or the raw (``"raw"``) weights and the live BatchNorm statistics."""
     s, bs = self.split, self.cfg.train.eval_batch_size
     forward = self.program.eval_forward
-    out_id = step_lib.predict(forward, state.ema_params, state.batch_stats, s.x_test_id, bs)
-    out_full = step_lib.predict(forward, state.ema_params, state.batch_stats, s.x_test_full, bs)
+    params = {"ema": state.ema_params, "raw": state.params}[weights]
+    out_id = step_lib.predict(forward, params, state.batch_stats, s.x_test_id, bs)
+    out_full = step_lib.predict(forward, params, state.batch_stats, s.x_test_full, bs)
     result = evaluate.evaluate_outputs(self.algorithm.ood_score, out_id, s.y_test_id, out_full,
-                                       s.y_test_full, s.num_classes)
+                                       s.y_test_full, s.num_classes, self.cfg.eval.threshold)
     result["closed_per_class_acc"] = evaluate.per_class_accuracy(
         out_id["logits"].argmax(-1), s.y_test_id, s.num_classes).tolist()
     return result
@@ -170,7 +174,8 @@ class Trainer:
             pending, t0 = [], time.perf_counter()
           if step % cfg.train.eval_every == 0 or step == total:
             last_eval = self.evaluate(state)
-            log.write(step, "eval", _scalars(last_eval))
+            raw = self.evaluate(state, "raw")  # for the official figures (see _summary)
+            log.write(step, "eval", {**_scalars(last_eval), **_scalars(raw, RAW_PREFIX)})
           if step % cfg.train.checkpoint_every == 0 or step == total:
             ckpt.save(state)
           if self.on_step is not None:
@@ -200,7 +205,8 @@ class Trainer:
     return summary
 
   def _summary(self, ev: dict[str, Any], step: int, wall: float, start: int) -> dict[str, Any]:
-    history = _read_train(self.workdir) if distributed.is_primary() else []
+    records = _read_log(self.workdir) if distributed.is_primary() else []
+    history = [r for r in records if r["split"] == "train"]
     diag = {}
     for k in ("ggr/cos_before", "ggr/conflict", "ggr/aux_norm_kept"):
       values = [r[k] for r in history if isinstance(r.get(k), float)]
@@ -208,8 +214,10 @@ class Trainer:
         diag[f"mean_{k}"] = float(np.mean(values))
     return {
         "closed_acc": ev["closed_acc"], "open_bacc": ev["open_bacc"], "auroc": ev["auroc"],
+        **official_figures([r for r in records if r["split"] == "eval"]),
         "closed_per_class_acc": ev["closed_per_class_acc"],
-        "open_per_class_acc": list(ev["per_class_acc"]), "threshold": ev["threshold"], "steps": step, "resumed_from": start,
+        "open_per_class_acc": list(ev["per_class_acc"]), "threshold": ev["threshold"],
+        "steps": step, "resumed_from": start,
         "wall_s": wall, "algorithm": self.algorithm.name, "ggr_mode": self.cfg.ggr.mode,
         "unlabeled_ood_fraction": float(1.0 - np.mean(self.split.unlabeled_is_id)),
         "seed": self.cfg.train.seed, "device": self.mesh.devices.flat[0].device_kind,
@@ -229,9 +237,28 @@ def _stop_agreed(received: list[int], step: int, log_every: int) -> bool:
   return bool(multihost_utils.process_allgather(np.array(bool(received))).any())
 
 
-def _read_train(workdir: pathlib.Path) -> list[dict[str, Any]]:
+def official_figures(evals: list[dict[str, Any]]) -> dict[str, Any]:
+  """The figures the official code reports, from a run's evaluation records.
+
+  Official closed-set accuracy is the best EMA accuracy over the evaluations, selected
+  on the test split itself (the first of equal ones, as the official ``>`` keeps it);
+  the official open-set numbers are ``eval.py``'s on that step's ``model_best.pth``,
+  whose raw (non-EMA) weights it loads. Returns ``official_closed_acc``,
+  ``official_open_bacc``, ``official_auroc`` and ``official_step`` (empty without evals).
+  """
+  scored = [r for r in evals if isinstance(r.get("eval/closed_acc"), float)]
+  if not scored:
+    return {}
+  best = max(scored, key=lambda r: (r["eval/closed_acc"], -r["step"]))
+  figures = {"official_closed_acc": best["eval/closed_acc"], "official_step": best["step"]}
+  for name in OFFICIAL_METRICS[1:]:
+    figures[f"official_{name}"] = best.get(f"{RAW_PREFIX}/{name}", float("nan"))
+  return figures
+
+
+def _read_log(workdir: pathlib.Path) -> list[dict[str, Any]]:
   from ggr_jax.train.metrics_log import read  # pylint: disable=import-outside-toplevel
-  return [r for r in read(workdir) if r["split"] == "train"]
+  return read(workdir)
 
 
 def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -239,8 +266,8 @@ def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
-def _scalars(result: dict[str, Any]) -> dict[str, float]:
-  return {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
+def _scalars(result: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
+  return {f"{prefix}/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
 
 
 class _NoBar:

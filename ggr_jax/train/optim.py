@@ -66,7 +66,7 @@ def make_rectifier(ggr: ml_collections.ConfigDict) -> optax.GradientTransformati
       ggr.mode, alpha=ggr.alpha, aux_weight=ggr.aux_weight, scope=scope,
       subspace_dim=ggr.subspace_dim if ggr.mode in ("osr", "csr") else 0,
       subspace_interval=ggr.subspace_interval, basis_signs=ggr.basis_signs,
-      granularity=ggr.granularity)
+      granularity=ggr.granularity, start_step=ggr.start_step)
 
 
 def optimizer_factory(name: str) -> Callable[..., optax.GradientTransformation]:
