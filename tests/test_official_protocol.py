@@ -7,13 +7,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from ggr_jax.models import build_model
 from ggr_jax.ssl import LossContext, common, openmatch
 from ggr_jax.train import loop
 from ggr_jax.train.state import make_apply_fn
-from tests.test_train import tiny_config
+from tests.test_train import _equal_params, _one_step, live_aux_config, tiny_config
 
 START_FIX = 5
 MAIN = ("x_lb_w0", "x_lb_w1", "x_ulb_w0", "x_ulb_w1")
@@ -100,6 +101,25 @@ def test_openmatch_gradients_flow_through_the_second_forward_only_when_it_runs()
   after = jax.grad(fix_loss)(params, START_FIX)
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(before))
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(after)) > 0.0
+
+
+def test_ggr_openmatch_steps_before_start_step_are_the_plain_ssl_step():
+  split = loop.load_split(tiny_config())
+  plain_state, plain = _one_step(live_aux_config("openmatch", "sum"), split)
+  results = {}
+  for start in (0, 5):
+    cfg = live_aux_config("openmatch", "osr")
+    cfg.ggr.update(subspace_dim=2, start_step=start)
+    results[start] = _one_step(cfg, split)
+  late_state, late = results[5]
+  _equal_params(late_state.params, plain_state.params)
+  assert float(late["ggr/aux_norm_kept"]) == 1.0
+  np.testing.assert_allclose(float(late["ggr/cos_before"]), float(plain["ggr/cos_before"]),
+                             rtol=1e-5)
+  assert int(optax.tree.get(late_state.opt_state, "basis_size")) == 0  # no tracking before the start
+  early_state, early = results[0]
+  assert float(early["ggr/aux_norm_kept"]) < 1.0
+  assert int(optax.tree.get(early_state.opt_state, "basis_size")) == 1
 
 
 def test_official_figures_select_the_best_ema_accuracy_and_its_raw_open_metrics():
