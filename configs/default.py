@@ -68,8 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   epoch = cfg.train.get_ref("steps_per_epoch")
   for name in ssl.names():  # one block per algorithm, registered ones included
-    cfg[name] = ssl.get(name).default_config()
-  cfg.iomatch.op_warmup_steps = epoch
-  cfg.openmatch.start_fix_steps = epoch * 10
-  cfg.openmatch.lambda_socr = 0.5
+    block = cfg[name] = ssl.get(name).default_config()
+    if "op_warmup_steps" in block:  # IOMatch's open-set loss after one epoch
+      block.op_warmup_steps = epoch
+    if "start_fix_steps" in block:  # OpenMatch's FixMatch stage after ten
+      block.start_fix_steps = epoch * 10
   return cfg

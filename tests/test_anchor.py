@@ -12,9 +12,8 @@ from ggr_jax.models import build_model
 from ggr_jax.ssl import LossContext
 from ggr_jax.train import config as config_lib
 from ggr_jax.train import step as step_lib
+from tests.test_train import BASE_ALGORITHMS as ALGORITHMS
 from tests.test_train import _one_step, live_aux_config, split  # noqa: F401  (fixture)
-
-ALGORITHMS = sorted(ssl.ALGORITHMS)
 
 
 def _model_and_variables(algorithm):

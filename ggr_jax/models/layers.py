@@ -23,6 +23,8 @@ class BatchNorm(nn.Module):
   official PyTorch models by ``momentum * var / (n - 1)`` per step and fails the
   parity check with the official training step (shared/parity/README.md, 5.7),
   which is why this layer exists. Statistics are computed in at least float32.
+  ``batch_statistics`` and ``normalize`` are methods so that per-sample gradient code
+  can intercept them (:mod:`ggr_jax.consistency`).
 
   Variables: ``params/{scale, bias}`` (initialised to 1 and 0) and
   ``batch_stats/{mean, var}`` (0 and 1). The running statistics are not updated
@@ -50,8 +52,7 @@ class BatchNorm(nn.Module):
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
-      mean = jnp.mean(xs, axis=axes)
-      var = jnp.mean(jnp.square(xs - mean), axis=axes)
+      mean, var = self.batch_statistics(xs)
       if not self.is_initializing():
         n = 1
         for a in axes:
@@ -60,6 +61,19 @@ class BatchNorm(nn.Module):
         m = self.momentum
         ra_mean.value = (1.0 - m) * ra_mean.value + m * mean
         ra_var.value = (1.0 - m) * ra_var.value + m * unbiased
-    inv = jnp.reciprocal(jnp.sqrt(var + self.epsilon)) * scale
-    y = (xs - mean) * inv + bias
+    y = self.normalize(xs, mean, var) * scale + bias
     return y.astype(jnp.promote_types(x.dtype, scale.dtype))
+
+  def batch_statistics(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The batch mean and biased variance over every axis but the last.
+
+    A method of its own so that :func:`ggr_jax.consistency.frozen_batch_statistics`
+    can hold the statistics constant (per-sample gradients of a batch forward).
+    """
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes)
+    return mean, jnp.mean(jnp.square(x - mean), axis=axes)
+
+  def normalize(self, x: jnp.ndarray, mean: jnp.ndarray, var: jnp.ndarray) -> jnp.ndarray:
+    """``(x - mean) / sqrt(var + epsilon)``, the input of the affine ``scale, bias``."""
+    return (x - mean) * jnp.reciprocal(jnp.sqrt(var + self.epsilon))

@@ -12,12 +12,15 @@ from typing import Any
 from ggr_jax.ssl import common
 from ggr_jax.ssl.interface import Algorithm, EpochContext, LossContext, Losses
 
-# name -> module defining ALGORITHM (imported on first use)
+# name -> "module" defining ALGORITHM, or "module:NAME" (imported on first use)
 BUILTIN: dict[str, str] = {
     "supervised": "ggr_jax.ssl.supervised",
     "fixmatch": "ggr_jax.ssl.fixmatch",
     "iomatch": "ggr_jax.ssl.iomatch",
     "openmatch": "ggr_jax.ssl.openmatch",
+    "ggcr": "ggr_jax.ssl.ggcr:GGCR",
+    "iomatch_ggcr": "ggr_jax.ssl.ggcr:IOMATCH_GGCR",
+    "openmatch_ggcr": "ggr_jax.ssl.ggcr:OPENMATCH_GGCR",
 }
 ALGORITHMS = tuple(BUILTIN)  # the built-in names
 _REGISTERED: dict[str, Algorithm] = {}
@@ -53,7 +56,8 @@ def get(name: str) -> Algorithm:
     return _REGISTERED[name]
   if name not in BUILTIN:
     raise ValueError(f"Unknown algorithm {name!r}; choose one of {sorted(names())}.")
-  return importlib.import_module(BUILTIN[name]).ALGORITHM
+  module, _, attribute = BUILTIN[name].partition(":")
+  return getattr(importlib.import_module(module), attribute or "ALGORITHM")
 
 
 def head(name: str) -> str:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ggr_jax.ssl import common
-from ggr_jax.ssl.interface import Algorithm, LossContext, Losses
+from ggr_jax.ssl.interface import Algorithm, LossContext, Losses, ViewPair
 
 VIEWS = {"labeled": {"x_lb": "weak"}, "unlabeled": {"x_ulb_w": "weak", "x_ulb_s": "strong"}}
 LABELED_VIEWS = ("x_lb",)
@@ -56,4 +56,5 @@ def validate(cfg: ml_collections.ConfigDict, fail) -> None:
 ALGORITHM = Algorithm(
     name="fixmatch", default_config=default_config, losses=losses, views=VIEWS,
     labeled_views=LABELED_VIEWS, supervised_loss=supervised_loss, ood_score="msp",
-    validate=validate)
+    validate=validate,
+    view_pair=ViewPair("x_ulb_w", "x_ulb_s", forward=("x_lb", "x_ulb_w", "x_ulb_s")))

@@ -113,6 +113,25 @@ class EpochContext:
   predict_unlabeled: Callable[..., Any]
 
 
+@dataclasses.dataclass(frozen=True)
+class ViewPair:
+  """A weak and a strong view of the same images, and the forward that normalises them.
+
+  ``forward`` lists the views of the forward pass the pair shares (its BatchNorm batch
+  statistics), in order; ``source`` is the index source of the images (its analysis
+  labels are ``ulb_is_id`` or ``sel_is_id``). Regularisers across views (GGCR) read it.
+  """
+
+  weak: str
+  strong: str
+  forward: tuple[str, ...]
+  source: str = "unlabeled"
+
+  @property
+  def is_id_key(self) -> str:
+    return {"unlabeled": "ulb_is_id", "selected": "sel_is_id"}.get(self.source, "")
+
+
 def default_batch_sizes(train: ml_collections.ConfigDict,
                         cfg: ml_collections.ConfigDict) -> dict[str, int]:
   """``labeled = batch_size``, ``unlabeled = batch_size * uratio``."""
@@ -150,6 +169,8 @@ class Algorithm:
     protocol: the data protocol it trains on (:data:`PROTOCOLS`).
     validate: ``(cfg, fail) -> None``; ``fail(field, value, allowed)`` reports a bad
       field of the block (``field`` relative to the block).
+    view_pair: the weak and strong view of the same unlabeled images, if it has them
+      (:class:`ViewPair`; what a consistency regulariser such as GGCR works on).
   """
 
   name: str
@@ -166,6 +187,7 @@ class Algorithm:
   ood_score: str = "msp"
   protocol: str = "openset"
   validate: Callable[[ml_collections.ConfigDict, Callable], None] | None = None
+  view_pair: ViewPair | None = None
 
   def __post_init__(self):
     unknown = sorted(set(self.views) - set(SOURCES))
@@ -183,6 +205,12 @@ class Algorithm:
     missing = sorted(set(self.labeled_views) - set(names))
     if missing:
       raise ValueError(f"algorithm {self.name!r}: labeled_views {missing} are no views.")
+    if self.view_pair is not None:
+      pair = self.view_pair
+      unknown = sorted({pair.weak, pair.strong, *pair.forward} - set(names))
+      if unknown or pair.weak not in pair.forward or pair.strong not in pair.forward:
+        raise ValueError(f"algorithm {self.name!r}: view_pair names views {unknown} that do "
+                         "not exist, or a pair outside its forward.")
     if self.ood_score not in OOD_SCORES:
       raise ValueError(f"algorithm {self.name!r}: ood_score must be one of {OOD_SCORES}.")
     if self.protocol not in PROTOCOLS:

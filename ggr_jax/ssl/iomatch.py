@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ggr_jax.ssl import common
-from ggr_jax.ssl.interface import Algorithm, LossContext, Losses
+from ggr_jax.ssl.interface import Algorithm, LossContext, Losses, ViewPair
 
 VIEWS = {"labeled": {"x_lb": "weak"}, "unlabeled": {"x_ulb_w": "weak", "x_ulb_s": "strong"}}
 LABELED_VIEWS = ("x_lb",)
@@ -119,4 +119,5 @@ def validate(cfg: ml_collections.ConfigDict, fail) -> None:
 ALGORITHM = Algorithm(
     name="iomatch", default_config=default_config, losses=losses, views=VIEWS,
     labeled_views=LABELED_VIEWS, supervised_loss=supervised_loss, head="iomatch",
-    ood_score="iomatch", validate=validate)
+    ood_score="iomatch", validate=validate,
+    view_pair=ViewPair("x_ulb_w", "x_ulb_s", forward=("x_lb", "x_ulb_w", "x_ulb_s")))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from ggr_jax.ssl import common
-from ggr_jax.ssl.interface import Algorithm, EpochContext, LossContext, Losses
+from ggr_jax.ssl.interface import Algorithm, EpochContext, LossContext, Losses, ViewPair
 
 VIEWS = {
     "labeled": {"x_lb_w0": "weak", "x_lb_w1": "weak"},
@@ -33,6 +33,7 @@ VIEWS = {
     "selected": {"x_sel_w": "weak", "x_sel_s": "strong"},
 }
 LABELED_VIEWS = ("x_lb_w0", "x_lb_w1")
+SELECTED_VIEWS = ("x_sel_w", "x_sel_s")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -93,7 +94,7 @@ def _forwards(ctx: LossContext, fix_on: jax.Array) -> tuple[list[dict], object]:
   """Outputs of the six views and the new BatchNorm state (see the module docstring)."""
   batch = ctx.batch
   main = [batch[k] for k in ("x_lb_w0", "x_lb_w1", "x_ulb_w0", "x_ulb_w1")]
-  selected = [batch["x_sel_w"], batch["x_sel_s"]]
+  selected = [batch[k] for k in SELECTED_VIEWS]
   if ctx.cfg.selected_forward == "joint":
     return common.forward_concat(ctx.apply_fn, ctx.params, ctx.model_state, main + selected)
   outputs, state = common.forward_concat(ctx.apply_fn, ctx.params, ctx.model_state, main)
@@ -158,4 +159,5 @@ ALGORITHM = Algorithm(
     name="openmatch", default_config=default_config, losses=losses, views=VIEWS,
     labeled_views=LABELED_VIEWS, supervised_loss=supervised_loss, head="openmatch",
     batch_sizes=batch_sizes, init_state=init_state, source_mask=lambda s: s["selected"],
-    epoch_hook=reselect, ood_score="ova", validate=validate)
+    epoch_hook=reselect, ood_score="ova", validate=validate,
+    view_pair=ViewPair("x_sel_w", "x_sel_s", forward=SELECTED_VIEWS, source="selected"))

@@ -7,6 +7,7 @@ import dataclasses
 import pathlib
 import signal
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -262,8 +263,12 @@ def _read_log(workdir: pathlib.Path) -> list[dict[str, Any]]:
 
 
 def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """Means over the interval; NaN entries (a metric not measured at a step, e.g. a group
+  mean over an empty group) are skipped, and a metric measured at no step is NaN."""
   host = jax.device_get(pending)  # the one host sync per log interval
-  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices
+    return {k: float(np.nanmean([m[k] for m in host])) for k in host[0]}
 
 
 def _scalars(result: dict[str, Any], prefix: str = "eval") -> dict[str, float]:

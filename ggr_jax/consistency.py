@@ -1,0 +1,195 @@
+"""Per-sample gradient geometry between two views of the same samples.
+
+For sample ``i`` with a weak-view loss ``l^w_i(theta)`` and a strong-view loss
+``l^s_i(theta)``, and their gradients restricted to a scope (a subset of the parameters),
+``g^w_i`` and ``g^s_i``, this module computes
+
+    dot_i = <g^w_i, g^s_i>,   sq_w_i = ||g^w_i||^2,   sq_s_i = ||g^s_i||^2,
+    cos_i = dot_i / sqrt(sq_w_i * sq_s_i),
+
+three ways to the same numbers, each differentiable, so that ``jax.grad`` of a loss built
+on them (GGCR's ``1 - cos``) carries the second-order term through the per-sample
+gradients:
+
+* ``"vmap"``: the reference definition. Every per-sample gradient is materialised
+  (one vmapped VJP per row, ``microbatch`` rows at a time): ``2B x P`` memory.
+* ``"exact"``: no per-sample gradient is materialised. A layer's per-sample gradient
+  is a sum of outer products of its inputs ``a`` and output cotangents ``d`` over
+  positions ``p``, ``G_i = sum_p a_ip d_ip^T``, so ``<G^w_i, G^s_i> =
+  sum_pq <a^w_ip, a^s_iq> <d^w_ip, d^s_iq>``: a Gram-matrix product (the "ghost" inner
+  product), or ``G_i`` itself where that is smaller (per layer, whichever costs less).
+  Biases and normalisation scales are per-channel sums. One forward and one backward
+  of the batch give every ``a`` and ``d``.
+* ``"sketch"``: a random-projection estimate from ``k`` random directions ``v_j``
+  (``N(0, I/k)`` on the scope): the sketches ``<g_i, v_j>`` come from one linearised
+  forward (JVPs), and their inner products estimate the exact ones (unbiased for
+  ``dot``; the cosine of the sketches has an error of order ``1/sqrt(k)``).
+
+``losses_fn(params) -> (loss_w, loss_s)`` returns the ``(B,)`` per-sample losses of one
+batch forward. Per-sample gradients need independent rows: a BatchNorm layer in train
+mode couples them through its batch statistics, so every method evaluates ``losses_fn``
+under :func:`frozen_batch_statistics`, which holds the batch mean and variance constant
+(``stop_gradient``): ``g_i`` is then the gradient of sample ``i``'s own loss with the
+batch's statistics fixed, what ``jax.vmap(jax.grad(one_sample_loss))`` computes over a
+forward that normalises with the batch statistics.
+
+The exact method reads the layers of Flax modules called inside ``losses_fn``:
+``nn.Dense``, ``nn.Conv`` (any strides, padding given as a string or pairs, dilation;
+one feature group) and normalisation layers exposing ``batch_statistics`` and
+``normalize`` methods (:class:`ggr_jax.models.layers.BatchNorm`). Their parameters must
+sit in ``params`` at the module's path (``params`` is the ``"params"`` collection of the
+top module); every scoped parameter must belong to such a layer, called once, or the
+method says which one is not and that ``"vmap"`` handles any model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from ggr_jax import layer_geometry, per_sample
+
+PyTree = Any
+LossesFn = Callable[[PyTree], tuple[jax.Array, jax.Array]]
+METHODS = ("exact", "vmap", "sketch")
+
+
+class ViewGeometry(NamedTuple):
+  """Per-sample inner product and squared norms of the two views' gradients, ``(B,)`` each."""
+
+  dot: jax.Array
+  sq_w: jax.Array
+  sq_s: jax.Array
+
+  @property
+  def cos(self) -> jax.Array:
+    """``dot / sqrt(sq_w * sq_s)``; 0 where a gradient vanishes."""
+    denom = jnp.sqrt(self.sq_w * self.sq_s)
+    return jnp.where(denom > 0, self.dot / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
+def _is_normalization(module: nn.Module) -> bool:
+  return callable(getattr(module, "batch_statistics", None)) and callable(
+      getattr(module, "normalize", None))
+
+
+def _freeze(next_fun, args, kwargs, context):
+  out = next_fun(*args, **kwargs)
+  if context.method_name == "batch_statistics" and _is_normalization(context.module):
+    return jax.tree.map(jax.lax.stop_gradient, out)
+  return out
+
+
+@contextlib.contextmanager
+def frozen_batch_statistics():
+  """Inside, normalisation layers hold their batch statistics constant (no gradient).
+
+  The forward values are unchanged; only the derivative through the batch mean and
+  variance is cut, which makes the rows of a batch forward independent.
+  """
+  with nn.intercept_methods(_freeze):
+    yield
+
+
+def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
+                  scope: PyTree | Callable[[PyTree], PyTree] | None = None,
+                  view_rows: tuple[jax.Array, jax.Array] | None = None,
+                  microbatch: int | None = None, key: jax.Array | None = None,
+                  sketch_dim: int = 64) -> ViewGeometry:
+  """:class:`ViewGeometry` of the two views' per-sample gradients over ``scope``.
+
+  Args:
+    losses_fn: ``params -> (loss_w, loss_s)``, ``(B,)`` per-sample losses of one batch
+      forward (see the module docstring).
+    params: the parameters (for ``"exact"``, the top module's ``"params"`` collection).
+    method: ``"exact"``, ``"vmap"`` or ``"sketch"``.
+    scope: ``None`` (every parameter), a params-shaped tree of bools, or
+      ``params -> bools``.
+    view_rows: ``"exact"`` only: the rows of the weak and the strong view of each
+      sample in the layers' batch (``(B,)`` int arrays; default: the batch is
+      ``[weak views; strong views]``). Other rows (e.g. labeled images sharing the
+      forward) are ignored.
+    microbatch: ``"vmap"`` only: rows per vmapped VJP (must divide ``2B``).
+    key: ``"sketch"`` only: the PRNG key of the random directions.
+    sketch_dim: ``"sketch"`` only: the number ``k`` of random directions.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import linen as nn
+    >>> net = nn.Dense(2)
+    >>> params = net.init(jax.random.PRNGKey(0), jnp.ones((1, 3)))["params"]
+    >>> x = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
+    >>> def losses(p):
+    ...   out = net.apply({"params": p}, jnp.concatenate([x, 2 * x]))
+    ...   return out[:4, 0] ** 2, out[4:, 0] ** 2
+    >>> exact = view_geometry(losses, params)
+    >>> rows = view_geometry(losses, params, method="vmap")
+    >>> bool(jnp.allclose(exact.cos, rows.cos, atol=1e-5))
+    True
+  """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+  mask = _scope_mask(scope, params)
+  if not any(jax.tree.leaves(mask)):
+    raise ValueError("view_geometry: the scope selects no parameter; per-sample gradients "
+                     "over an empty scope have no direction (check the scope's prefix).")
+
+  def frozen(p):
+    with frozen_batch_statistics():
+      return losses_fn(p)
+
+  if method == "vmap":
+    return _by_rows(frozen, params, mask, microbatch)
+  if method == "sketch":
+    if key is None:
+      raise ValueError("method='sketch' needs key=PRNGKey for its random directions.")
+    if not isinstance(sketch_dim, int) or sketch_dim < 1:
+      raise ValueError(f"sketch_dim must be a positive integer, got {sketch_dim!r}.")
+    return _by_sketch(frozen, params, mask, key, sketch_dim)
+  return ViewGeometry(*layer_geometry.view_geometry_from_layers(frozen, params, mask,
+                                                                view_rows))
+
+
+def _scope_mask(scope, params: PyTree) -> PyTree:
+  if scope is None:
+    return jax.tree.map(lambda _: True, params)
+  mask = scope(params) if callable(scope) else scope
+  try:
+    jax.tree.structure(params).flatten_up_to(mask)
+  except (ValueError, TypeError) as err:
+    raise ValueError("view_geometry: scope must be a pytree of bools with the structure of "
+                     f"params (or a callable returning one): {err}") from None
+  return jax.tree.map(bool, mask)
+
+
+def _masked(tree: PyTree, mask: PyTree) -> list:
+  return [leaf for leaf, keep in zip(jax.tree.leaves(tree), jax.tree.leaves(mask)) if keep]
+
+
+def _by_rows(losses_fn: LossesFn, params: PyTree, mask: PyTree,
+             microbatch: int | None) -> ViewGeometry:
+  stacked = lambda p: jnp.concatenate(losses_fn(p))
+  rows = per_sample.jacobian_rows(stacked, params, microbatch=microbatch)
+  leaves = [r.reshape(r.shape[0], -1) for r in _masked(rows, mask)]
+  flat = jnp.concatenate(leaves, axis=1)
+  g_w, g_s = jnp.split(flat, 2)
+  return ViewGeometry(dot=jnp.sum(g_w * g_s, 1), sq_w=jnp.sum(g_w * g_w, 1),
+                      sq_s=jnp.sum(g_s * g_s, 1))
+
+
+def _by_sketch(losses_fn: LossesFn, params: PyTree, mask: PyTree, key: jax.Array,
+               k: int) -> ViewGeometry:
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  directions = treedef.unflatten([
+      jax.random.normal(kk, (k, *p.shape), jnp.promote_types(p.dtype, jnp.float32))
+      / jnp.sqrt(k) * m for kk, p, m in zip(keys, leaves, jax.tree.leaves(mask))])
+  stacked = lambda p: jnp.concatenate(losses_fn(p))
+  sketches = per_sample.sample_dots(stacked, params, directions)  # (2B, k)
+  s_w, s_s = jnp.split(sketches, 2)
+  return ViewGeometry(dot=jnp.sum(s_w * s_s, 1), sq_w=jnp.sum(s_w * s_w, 1),
+                      sq_s=jnp.sum(s_s * s_s, 1))

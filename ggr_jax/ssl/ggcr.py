@@ -1,0 +1,209 @@
+"""GGCR: gradient-consistency regularisation across a weak and a strong view.
+
+For an unlabeled image ``u`` with the hard pseudo-label ``yhat = argmax p(weak)``
+(no gradient), ``g_w(u)`` and ``g_s(u)`` are the gradients of ``CE(f(weak), yhat)`` and
+``CE(f(strong), yhat)`` with respect to the shared encoder (the backbone without its
+classifier), and ``GC(u) = cos(g_w(u), g_s(u))``. The regulariser is
+
+    L_g = (1 / |B_u|) * sum_u m_u * (1 - GC(u)),
+
+with ``m_u = [max p(weak) > tau]`` (``mask="confident"``, the default: an unconfident
+pseudo-label is noise) or ``m_u = 1`` (``"all"``), still divided by the batch size. Its
+gradient includes the second-order term through the per-sample gradients (``jax.grad``
+through :func:`ggr_jax.consistency.view_geometry`), without which it would contribute
+nothing. Per-sample gradients hold the BatchNorm batch statistics of the pair's forward
+constant (:func:`ggr_jax.consistency.frozen_batch_statistics`).
+
+:func:`with_gradient_consistency` adds ``lambda * L_g`` (after ``warmup_steps``) to any
+algorithm with a :class:`~ggr_jax.ssl.interface.ViewPair`, as the auxiliary term ``gc``
+(rectified with the rest of the auxiliary loss when GGR is on; ``role="supervised"``
+puts it on the anchor side). Its settings are the block's ``consistency`` sub-block.
+Registered: ``ggcr`` (FixMatch with hard pseudo-labels, the unlabeled weight ramped
+linearly over 5,000 steps, the paper's method), ``iomatch_ggcr`` and ``openmatch_ggcr``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from ggr_jax import consistency
+from ggr_jax.ssl import fixmatch, iomatch, openmatch
+from ggr_jax.ssl.interface import Algorithm, LossContext, Losses, ViewPair
+
+MASKS = ("confident", "all")
+ROLES = ("auxiliary", "supervised")
+SCOPES = ("encoder", "backbone", "all")
+
+
+def consistency_config() -> ml_collections.ConfigDict:
+  """The ``consistency`` sub-block: the paper's values (lambda 0.1, 1,000 warm-up steps)."""
+  return ml_collections.ConfigDict(dict(
+      weight=0.1, warmup_steps=1000, tau=0.95, mask="confident", method="exact",
+      scope="encoder", sketch_dim=64, microbatch=0, role="auxiliary"))
+
+
+def encoder_scope(params: Any) -> Any:
+  """The shared encoder: ``backbone/*`` without the backbone's classifier ``fc``."""
+  def select(path, _):
+    keys = [str(getattr(k, "key", k)) for k in path]
+    return len(keys) > 1 and keys[0] == "backbone" and keys[1] != "fc"
+  return jax.tree_util.tree_map_with_path(select, params)
+
+
+def _scope(name: str):
+  if name == "encoder":
+    return encoder_scope
+  if name == "backbone":
+    return lambda p: jax.tree_util.tree_map_with_path(
+        lambda path, _: str(getattr(path[0], "key", path[0])) == "backbone", p)
+  return None
+
+
+def pair_losses(ctx: LossContext, pair: ViewPair):
+  """The per-sample losses GGCR differentiates, and the pseudo-labels they use.
+
+  Returns ``(losses_fn, (rows_w, rows_s), probs)``: ``losses_fn(params) -> (CE(weak_u,
+  yhat_u), CE(strong_u, yhat_u))`` over one train-mode forward of ``pair.forward``,
+  the rows of the two views in that forward, and the weak view's probabilities
+  (no gradient) whose argmax is ``yhat``.
+  """
+  batch = ctx.batch
+  parts = [batch[name] for name in pair.forward]
+  starts = [sum(p.shape[0] for p in parts[:i]) for i in range(len(parts))]
+  size = batch[pair.weak].shape[0]
+  rows_w = starts[pair.forward.index(pair.weak)] + jnp.arange(size)
+  rows_s = starts[pair.forward.index(pair.strong)] + jnp.arange(size)
+  x = jnp.concatenate(parts)
+  logits = ctx.apply_fn(jax.lax.stop_gradient(ctx.params), ctx.model_state, x, True)[0]["logits"]
+  probs = jax.nn.softmax(jax.lax.stop_gradient(logits[rows_w]))
+  yhat = jnp.argmax(probs, axis=-1)
+
+  def losses_fn(params):
+    out = ctx.apply_fn(params, ctx.model_state, x, True)[0]["logits"]
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    return ce(out[rows_w], yhat), ce(out[rows_s], yhat)
+
+  return losses_fn, (rows_w, rows_s), probs
+
+
+def scope_of(cfg: ml_collections.ConfigDict, params: Any):
+  """The ``consistency.scope`` as a scope callable (None: every parameter), checked."""
+  scope = _scope(cfg.scope)
+  if scope is not None and not any(jax.tree.leaves(scope(params))):
+    raise ValueError(f"consistency.scope = {cfg.scope!r} selects no parameter of this model "
+                     "(it needs a 'backbone' with layers besides its classifier 'fc'); set "
+                     "consistency.scope='all' or use a backbone model.")
+  return scope
+
+
+def gradient_consistency(ctx: LossContext, pair: ViewPair, cfg: ml_collections.ConfigDict
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(terms, GC, confident)``, each ``(B,)``: ``terms = m_u (1 - GC(u)) / |B_u|``."""
+  losses_fn, rows, probs = pair_losses(ctx, pair)
+  confident = jnp.max(probs, axis=-1) > cfg.tau
+  key = jax.random.fold_in(ctx.rng, 17) if ctx.rng is not None else jax.random.PRNGKey(0)
+  gc = consistency.view_geometry(
+      losses_fn, ctx.params, method=cfg.method, scope=scope_of(cfg, ctx.params),
+      view_rows=rows, microbatch=cfg.microbatch or None, key=key,
+      sketch_dim=cfg.sketch_dim).cos
+  weight = confident.astype(gc.dtype) if cfg.mask == "confident" else jnp.ones_like(gc)
+  return weight * (1.0 - gc) / gc.shape[0], gc, confident
+
+
+def diagnostics(gc: jax.Array, confident: jax.Array, is_id: jax.Array | None) -> dict:
+  """Mean ``GC`` of confident and unconfident samples, and of ID and OOD ones (analysis
+  labels); NaN for an empty group."""
+  out = {"ggcr/gc_mean": jnp.mean(gc), "ggcr/gc_confident": _mean_where(gc, confident),
+         "ggcr/gc_unconfident": _mean_where(gc, ~confident)}
+  if is_id is not None:
+    is_id = is_id.astype(bool)
+    out.update({"ggcr/gc_id": _mean_where(gc, is_id), "ggcr/gc_ood": _mean_where(gc, ~is_id)})
+  return out
+
+
+def _mean_where(values: jax.Array, where: jax.Array) -> jax.Array:
+  """Mean over ``where`` (NaN when empty: the logger's per-interval mean skips nothing)."""
+  count = jnp.sum(where)
+  return jnp.where(count > 0, jnp.sum(jnp.where(where, values, 0.0)) / jnp.maximum(count, 1),
+                   jnp.nan)
+
+
+def with_gradient_consistency(base: Algorithm, name: str,
+                              **overrides: Any) -> Algorithm:
+  """``base`` plus ``lambda * L_g`` on its view pair, under the name ``name``.
+
+  ``overrides`` change the base block's defaults (e.g. ``hard_label=True``).
+  """
+  if base.view_pair is None:
+    raise ValueError(f"algorithm {base.name!r} has no weak/strong view pair (view_pair) for "
+                     "gradient consistency.")
+  pair = base.view_pair
+
+  def default_config() -> ml_collections.ConfigDict:
+    cfg = base.default_config()
+    cfg.update(overrides)
+    cfg.consistency = consistency_config()
+    return cfg
+
+  def losses(ctx: LossContext) -> Losses:
+    out = base.losses(ctx)
+    ccfg = ctx.cfg.consistency
+    size = ctx.batch[pair.weak].shape[0]
+    on = jnp.asarray(ctx.step) >= ccfg.warmup_steps
+    off = (jnp.zeros((size,), jnp.float32), jnp.zeros((size,), jnp.float32),
+           jnp.zeros((size,), bool))
+    terms, gc, confident = jax.lax.cond(
+        on, lambda: gradient_consistency(ctx, pair, ccfg),
+        lambda: jax.tree.map(lambda z, t: z.astype(t.dtype), off,
+                             jax.eval_shape(lambda: gradient_consistency(ctx, pair, ccfg))))
+    terms = ccfg.weight * terms
+    term = {"gc": jnp.sum(terms)}
+    role = {"supervised": {**out.supervised, **term}} if ccfg.role == "supervised" else \
+        {"auxiliary": {**out.auxiliary, **term}}
+    sample_aux, is_id = out.sample_aux, out.sample_is_id
+    if ccfg.role == "auxiliary" and sample_aux is not None:
+      sample_aux = jnp.concatenate([sample_aux, terms.astype(sample_aux.dtype)])
+      pair_id = ctx.batch.get(pair.is_id_key)
+      if is_id is not None and pair_id is not None:
+        is_id = jnp.concatenate([is_id, pair_id])
+      elif is_id is not None:
+        is_id = None
+    shown = diagnostics(gc, confident, ctx.batch.get(pair.is_id_key))
+    metrics = {**out.metrics, **{k: jnp.where(on, v, jnp.nan) for k, v in shown.items()},
+               "ggcr/gc_on": on.astype(jnp.float32)}
+    return dataclasses.replace(out, **role, metrics=metrics, sample_aux=sample_aux,
+                               sample_is_id=is_id)
+
+  def validate(cfg: ml_collections.ConfigDict, fail) -> None:
+    if base.validate is not None:
+      base.validate(cfg, fail)
+    ccfg = cfg.consistency
+    for field, allowed in (("mask", MASKS), ("role", ROLES), ("scope", SCOPES),
+                           ("method", consistency.METHODS)):
+      if ccfg[field] not in allowed:
+        fail(f"consistency.{field}", ccfg[field], f"choose one of {', '.join(allowed)}")
+    if not ccfg.weight >= 0:
+      fail("consistency.weight", ccfg.weight, "must be >= 0 (lambda of L_g)")
+    if not 0.0 <= ccfg.tau <= 1.0:
+      fail("consistency.tau", ccfg.tau, "must be a number in [0, 1]")
+    for field in ("sketch_dim", "microbatch", "warmup_steps"):
+      value = ccfg[field]
+      low = 1 if field == "sketch_dim" else 0
+      if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        fail(f"consistency.{field}", value, f"must be an integer >= {low}")
+
+  return dataclasses.replace(base, name=name, default_config=default_config, losses=losses,
+                             validate=validate)
+
+
+GGCR = with_gradient_consistency(fixmatch.ALGORITHM, "ggcr", hard_label=True,
+                                 unsup_warmup_steps=5000)
+IOMATCH_GGCR = with_gradient_consistency(iomatch.ALGORITHM, "iomatch_ggcr")
+OPENMATCH_GGCR = with_gradient_consistency(openmatch.ALGORITHM, "openmatch_ggcr")
+ALGORITHM = GGCR

@@ -1,0 +1,137 @@
+"""Per-sample gradient geometry of two views: the exact, vmap and sketch methods agree."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from ggr_jax import consistency
+from ggr_jax.models import build_model
+from ggr_jax.ssl.ggcr import encoder_scope
+from ggr_jax.train.state import make_apply_fn
+
+# (backbone, image side, channels, labeled rows, pairs)
+MODELS = {"cnn": ("cnn", 8, 1, 2, 4), "wrn28_2": ("wrn28_2", 32, 3, 1, 2)}
+
+
+def _problem(name, dtype):
+  """A model in train mode (BatchNorm) on [labeled; weak; strong] rows, CE to the weak argmax."""
+  backbone, side, channels, n_lb, n = MODELS[name]
+  model = build_model(backbone, 6, "none")
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, side, side, channels)), train=False)
+  params = jax.tree.map(lambda a: a.astype(dtype), variables["params"])
+  stats, apply_fn = variables["batch_stats"], make_apply_fn(model)
+  x = jax.random.normal(jax.random.PRNGKey(1), (n_lb + 2 * n, side, side, channels), dtype)
+  x = x.at[n_lb + n:].multiply(1.5)  # the "strong" views differ
+  rows = (n_lb + jnp.arange(n), n_lb + n + jnp.arange(n))
+
+  def losses(p):
+    logits = apply_fn(p, stats, x, True)[0]["logits"]
+    yhat = jnp.argmax(jax.lax.stop_gradient(logits[rows[0]]), -1)
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    return ce(logits[rows[0]], yhat), ce(logits[rows[1]], yhat)
+
+  return losses, params, rows
+
+
+@pytest.fixture(params=["float32", "float64"])
+def dtype(request):
+  if request.param == "float64":
+    jax.config.update("jax_enable_x64", True)
+    yield jnp.float64
+    jax.config.update("jax_enable_x64", False)
+  else:
+    yield jnp.float32
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_exact_equals_the_vmap_definition(name, dtype):
+  losses, params, rows = _problem(name, dtype)
+  exact = jax.jit(lambda p: consistency.view_geometry(losses, p, scope=encoder_scope,
+                                                      view_rows=rows))(params)
+  ref = jax.jit(lambda p: consistency.view_geometry(losses, p, scope=encoder_scope,
+                                                    method="vmap"))(params)
+  rtol = 1e-4 if dtype == jnp.float32 else 1e-10
+  for field in ("dot", "sq_w", "sq_s"):
+    np.testing.assert_allclose(getattr(exact, field), getattr(ref, field), rtol=rtol)
+  assert np.all(np.abs(ref.cos) <= 1.0) and np.ptp(np.asarray(ref.cos)) > 0
+
+
+def test_second_order_gradients_agree_between_exact_and_vmap(dtype):
+  losses, params, rows = _problem("cnn", dtype)
+
+  def grad(method, **kw):
+    def objective(p):
+      cos = consistency.view_geometry(losses, p, scope=encoder_scope, method=method, **kw).cos
+      return jnp.mean(1.0 - cos)
+    return jax.jit(jax.grad(objective))(params)
+
+  exact, ref = grad("exact", view_rows=rows), grad("vmap", microbatch=4)
+  rtol = 1e-3 if dtype == jnp.float32 else 1e-9
+  flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+  np.testing.assert_allclose(flat(exact), flat(ref), rtol=rtol, atol=rtol * np.abs(flat(ref)).max())
+  assert np.abs(flat(ref)).max() > 0  # the regulariser has a gradient only through 2nd order
+
+
+@pytest.mark.parametrize("name, dims, keys", [("cnn", (16, 64, 256), 4), ("wrn28_2", (16,), 2)])
+def test_sketch_error_shrinks_like_one_over_root_k(name, dims, keys):
+  losses, params, _ = _problem(name, jnp.float32)
+  exact = np.asarray(jax.jit(lambda p: consistency.view_geometry(
+      losses, p, scope=encoder_scope, method="vmap").cos)(params))
+  errors = {}
+  for k in dims:
+    sketch = jax.jit(lambda p, key, k=k: consistency.view_geometry(
+        losses, p, scope=encoder_scope, method="sketch", key=key, sketch_dim=k).cos)
+    per_key = [np.asarray(sketch(params, jax.random.PRNGKey(s))) - exact for s in range(keys)]
+    errors[k] = float(np.sqrt(np.mean(np.square(per_key))))
+    # the cosine of two k-dimensional Gaussian sketches: std about (1 - cos^2) / sqrt(k)
+    assert errors[k] < 3.0 * np.max(1.0 - exact ** 2) / np.sqrt(k) + 1e-3, errors
+  assert errors[dims[-1]] <= errors[dims[0]]
+
+
+def test_frozen_statistics_change_no_value_and_decouple_rows():
+  model = build_model("cnn", 6, "none")
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)), train=False)
+  apply_fn = make_apply_fn(model)
+  x = jax.random.normal(jax.random.PRNGKey(1), (6, 8, 8, 1))
+
+  def row0_loss(images):
+    logits = apply_fn(variables["params"], variables["batch_stats"], images, True)[0]["logits"]
+    return jax.nn.logsumexp(logits[0])
+
+  with consistency.frozen_batch_statistics():
+    frozen_value, frozen = jax.value_and_grad(row0_loss)(x)
+  value, coupled = jax.value_and_grad(row0_loss)(x)
+  np.testing.assert_allclose(frozen_value, value, rtol=1e-6)  # same forward
+  assert float(jnp.abs(coupled[1:]).max()) > 0  # BatchNorm couples the rows ...
+  assert float(jnp.abs(frozen[1:]).max()) == 0.0  # ... unless its statistics are held
+  assert float(jnp.abs(frozen[0]).max()) > 0
+
+
+def test_empty_scope_and_unsupported_layers_are_named():
+  losses, params, rows = _problem("cnn", jnp.float32)
+  nothing = jax.tree.map(lambda _: False, params)
+  with pytest.raises(ValueError, match="selects no parameter"):
+    consistency.view_geometry(losses, params, scope=nothing)
+  with pytest.raises(ValueError, match="method must be one of"):
+    consistency.view_geometry(losses, params, method="fast")
+  with pytest.raises(ValueError, match="needs key"):
+    consistency.view_geometry(losses, params, method="sketch")
+
+  class Scaled(nn.Module):  # a bare parameter: no layer the exact method knows
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2, name="dense")(x) * self.param("gain", nn.initializers.ones, ())
+
+  net = Scaled()
+  p = net.init(jax.random.PRNGKey(0), jnp.ones((1, 3)))["params"]
+  x = jnp.ones((4, 3))
+  fn = lambda q: tuple(jnp.split(net.apply({"params": q}, x)[:, 0], 2))
+  with pytest.raises(ValueError, match="gain"):
+    consistency.view_geometry(fn, p)
+  ok = consistency.view_geometry(fn, p, method="vmap")
+  assert ok.cos.shape == (2,)

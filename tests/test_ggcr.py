@@ -1,0 +1,121 @@
+"""GGCR as an algorithm and as a regulariser of others, composed with GGR."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ggr_jax import ssl
+from ggr_jax.models import build_model
+from ggr_jax.ssl import LossContext, ggcr
+from ggr_jax.train import config as config_lib
+from ggr_jax.train import loop, step as step_lib
+from tests.test_train import _equal_params, _one_step, tiny_config
+
+COMPOSED = ("ggcr", "iomatch_ggcr", "openmatch_ggcr")
+
+
+@pytest.fixture(scope="module")
+def split():
+  return loop.load_split(tiny_config())
+
+
+def _config(algorithm, mode="vlr", **consistency):
+  cfg = tiny_config(algorithm, mode)
+  block = cfg[algorithm]
+  block.consistency.update({"warmup_steps": 0, "mask": "all", **consistency})
+  if "p_cutoff" in block:
+    block.p_cutoff = 0.0
+  if "start_fix_steps" in block:
+    block.start_fix_steps = 0
+  return cfg
+
+
+@pytest.mark.parametrize("algorithm", COMPOSED)
+def test_one_rectified_step_with_the_consistency_term(algorithm, split):
+  state, metrics = _one_step(_config(algorithm), split)
+  gc = float(metrics["losses/gc"])
+  assert 0.0 < gc <= 2 * 0.1 and float(metrics["ggcr/gc_on"]) == 1.0  # weight * mean(1 - cos)
+  assert -1.0 <= float(metrics["ggcr/gc_mean"]) <= 1.0
+  assert np.isfinite(float(metrics["losses/aux"])) and np.isfinite(float(metrics["ggr/cos_before"]))
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+
+
+def test_before_its_warm_up_ggcr_is_fixmatch_with_hard_labels(split):
+  cfg = _config("ggcr", "vlr", warmup_steps=10)
+  cfg.ggcr.unsup_warmup_steps = 0  # the unlabeled loss live from the first step
+  base = tiny_config("fixmatch", "vlr")
+  base.fixmatch.update({k: v for k, v in cfg.ggcr.items() if k != "consistency"})
+  ggcr_state, ggcr_metrics = _one_step(cfg, split)
+  base_state, _ = _one_step(base, split)
+  _equal_params(ggcr_state.params, base_state.params)
+  assert float(ggcr_metrics["losses/gc"]) == 0.0 and float(ggcr_metrics["ggcr/gc_on"]) == 0.0
+  assert np.isnan(float(ggcr_metrics["ggcr/gc_mean"]))  # not measured during the warm-up
+
+
+def _losses(algorithm, split, **consistency):
+  cfg = _config(algorithm, **consistency)
+  model = build_model("cnn", split.num_classes, ssl.head(algorithm))
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)), train=False)
+  views = step_lib.make_views(cfg, split.mean, split.std, None)
+  data = {"x_labeled": split.x_labeled, "y_labeled": split.y_labeled.astype(np.int32),
+          "x_unlabeled": split.x_unlabeled, "unlabeled_is_id": split.unlabeled_is_id}
+  batch = views(jax.random.PRNGKey(1), 0, data, jnp.ones(split.x_unlabeled.shape[0], bool))
+  ctx = LossContext(step_lib.make_apply_fn(model), variables["params"], variables["batch_stats"],
+                    batch, jax.random.PRNGKey(2), 0, step_lib.algorithm_config(cfg))
+  return ssl.get(algorithm).losses(ctx)
+
+
+def test_the_term_is_auxiliary_by_default_and_can_be_the_anchor(split):
+  aux = _losses("ggcr", split)
+  assert "gc" in aux.auxiliary and "gc" not in aux.supervised
+  # per-sample terms still sum to the auxiliary loss, the consistency terms included
+  np.testing.assert_allclose(float(jnp.sum(aux.sample_aux)), float(aux.aux), rtol=1e-5)
+  assert aux.sample_is_id.shape == aux.sample_aux.shape
+  sup = _losses("ggcr", split, role="supervised")
+  assert "gc" in sup.supervised and "gc" not in sup.auxiliary
+  np.testing.assert_allclose(float(sup.supervised["gc"]), float(aux.auxiliary["gc"]), rtol=1e-6)
+
+
+def test_the_confident_mask_drops_unconfident_samples(split):
+  every = _losses("ggcr", split)
+  none_confident = _losses("ggcr", split, mask="confident", tau=1.0)
+  assert float(every.auxiliary["gc"]) > 0.0
+  assert float(none_confident.auxiliary["gc"]) == 0.0
+  for name in ("ggcr/gc_confident", "ggcr/gc_unconfident", "ggcr/gc_id", "ggcr/gc_ood"):
+    assert name in every.metrics
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("weight", -0.1, "ggcr.consistency.weight"),
+    ("sketch_dim", 0, "ggcr.consistency.sketch_dim"),
+    ("microbatch", -1, "ggcr.consistency.microbatch"),
+    ("mask", "some", "ggcr.consistency.mask"),
+    ("method", "fast", "ggcr.consistency.method"),
+    ("scope", "head", "ggcr.consistency.scope"),
+])
+def test_bad_settings_name_the_field(field, value, message):
+  cfg = _config("ggcr")
+  cfg.ggcr.consistency[field] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(cfg, num_devices=1)
+
+
+def test_an_algorithm_without_a_view_pair_cannot_take_the_term():
+  with pytest.raises(ValueError, match="no weak/strong view pair"):
+    ggcr.with_gradient_consistency(ssl.get("supervised"), "supervised_ggcr")
+
+
+def test_a_model_without_an_encoder_is_refused_before_compiling(split):
+  cfg = _config("ggcr")
+  algo = ssl.get("ggcr")
+  ctx_cfg = step_lib.algorithm_config(cfg)
+  params = {"fc": {"kernel": jnp.ones((3, 6))}}
+  fake_apply = lambda p, s, x, train: ({"logits": x.reshape(x.shape[0], -1)[:, :6]}, s)
+  batch = {"x_lb": jnp.ones((2, 8, 8, 1)), "y_lb": jnp.zeros((2,), jnp.int32),
+           "x_ulb_w": jnp.ones((4, 8, 8, 1)), "x_ulb_s": jnp.ones((4, 8, 8, 1))}
+  with pytest.raises(ValueError, match="consistency.scope = 'encoder' selects no parameter"):
+    jax.eval_shape(lambda: algo.losses(LossContext(fake_apply, params, {}, batch, None, 0,
+                                                   ctx_cfg)))
