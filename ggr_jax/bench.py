@@ -30,6 +30,7 @@ import numpy as np
 
 from ggr_jax.configs import default
 from ggr_jax.data.stream import HostStream
+from ggr_jax.ssl import ggcr
 from ggr_jax.train import build as build_lib, step as step_lib
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -44,7 +45,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "vlr_per_sample_jvp": dict(mode="vlr", granularity="per_sample", per_sample_method="jvp"),
     "vlr_per_sample_rows": dict(mode="vlr", granularity="per_sample",
                                 per_sample_method="materialize"),
+    # GGCR: the algorithm plus L_g (its ggcr composition, on from the first step) with the
+    # per-sample geometry of each method; the ratio is to the algorithm's plain step
+    "ggcr_vmap": dict(mode="sum", split_gradients=False, consistency=dict(method="vmap")),
+    "ggcr_fast": dict(mode="sum", split_gradients=False, consistency=dict(method="exact")),
+    "ggcr_sketch_k64": dict(mode="sum", split_gradients=False,
+                            consistency=dict(method="sketch", sketch_dim=64)),
 }
+
+
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if not v.startswith("ggcr_"))  # the GGR ones
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +102,10 @@ def _config(algorithm: str, work: Workload, variant: dict[str, Any]):
     cfg.augment.update(dict(pad=4, flip=True, crop=work.crop))
   variant = dict(variant)
   cfg.train.input = variant.pop("input", "device")
+  consistency = variant.pop("consistency", None)
+  if consistency is not None:
+    cfg.algorithm = ggcr.COMPOSITIONS[algorithm]
+    cfg[cfg.algorithm].consistency.update(dict(warmup_steps=0, **consistency))
   cfg.ggr.update(variant)
   return cfg
 

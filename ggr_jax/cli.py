@@ -133,7 +133,7 @@ def bench_main(argv: list[str]) -> int:
   parser.add_argument("--workloads", default="digits_cnn,wrn28_2_cpu",
                       help=f"comma list of {sorted(bench.WORKLOADS)}")
   parser.add_argument("--algorithms", default="fixmatch,iomatch", help="comma list")
-  parser.add_argument("--variants", default=",".join(bench.VARIANTS),
+  parser.add_argument("--variants", default=",".join(bench.DEFAULT_VARIANTS),
                       help="comma list ('' for none, e.g. with --pipeline)")
   parser.add_argument("--pipeline", action="store_true",
                       help="also time the host input pipeline alone against the sum step")

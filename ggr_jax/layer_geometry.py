@@ -12,7 +12,8 @@ output cotangent of every row. With rows independent, row ``r``'s parameter grad
 
 and the inner product of two rows' kernel gradients is either ``sum_pq <a_ip, a_jq>
 <d_ip, d_jq>`` (two ``P x P`` Gram matrices) or ``<G_i, G_j>`` with ``G`` formed
-(``K x O``); the cheaper of the two is taken per layer (``P^2`` against ``K * O``).
+(``K x O``); the cheaper of the two is taken per layer (``P^2 (K + O)`` against
+``P K O`` multiplications).
 Everything is differentiable, second order included.
 """
 
@@ -128,9 +129,10 @@ def _triple(u_w: jax.Array, u_s: jax.Array) -> tuple[jax.Array, jax.Array, jax.A
 
 
 def _kernel_triple(a_w, a_s, d_w, d_s):
-  """The kernel gradients' triple, by Gram matrices or formed gradients (cheaper one)."""
+  """The kernel gradients' triple, by Gram matrices or formed gradients, whichever takes
+  fewer multiplications: ``P^2 (K + O)`` against ``P K O`` per row."""
   positions, k, o = a_w.shape[1], a_w.shape[2], d_w.shape[2]
-  if positions * positions <= k * o:
+  if positions * (k + o) <= k * o:
     return (jnp.sum(_cross(a_w, a_s) * _cross(d_w, d_s), axis=(1, 2)),
             jnp.sum(_cross(a_w, a_w) * _cross(d_w, d_w), axis=(1, 2)),
             jnp.sum(_cross(a_s, a_s) * _cross(d_s, d_s), axis=(1, 2)))

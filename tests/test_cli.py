@@ -55,13 +55,14 @@ def test_train_and_eval_commands_on_digits(tmp_path, capsys):
 def test_bench_runs_end_to_end_and_writes_valid_json(tmp_path, capsys):
   path = tmp_path / "bench.json"
   rc = cli.main(["bench", "--workloads", "tiny", "--algorithms", "fixmatch", "--variants",
-                 "sum,sum_stream,vlr,vlr_per_sample_jvp", "--steps", "2", "--warmup", "1",
+                 "sum,sum_stream,vlr,vlr_per_sample_jvp,ggcr_fast", "--steps", "2",
+                 "--warmup", "1",
                  "--pipeline", "--json", str(path)])
   assert rc == 0
   report = json.loads(path.read_text())
   assert report["platform"] == "cpu" and report["jax_version"]
   rows = {r["variant"]: r for r in report["results"]}
-  assert set(rows) == {"sum", "sum_stream", "vlr", "vlr_per_sample_jvp"}
+  assert set(rows) == {"sum", "sum_stream", "vlr", "vlr_per_sample_jvp", "ggcr_fast"}
   pipeline, = report["pipeline"]
   assert pipeline["images_per_batch"] == 16 and pipeline["images_per_s"] > 0
   assert pipeline["pipeline_to_step"] == pytest.approx(

@@ -207,3 +207,5 @@ GGCR = with_gradient_consistency(fixmatch.ALGORITHM, "ggcr", hard_label=True,
 IOMATCH_GGCR = with_gradient_consistency(iomatch.ALGORITHM, "iomatch_ggcr")
 OPENMATCH_GGCR = with_gradient_consistency(openmatch.ALGORITHM, "openmatch_ggcr")
 ALGORITHM = GGCR
+COMPOSITIONS = {"fixmatch": GGCR.name, "iomatch": IOMATCH_GGCR.name,
+                "openmatch": OPENMATCH_GGCR.name}  # base algorithm -> its GGCR composition
