@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ggr_jax import rundir
+from ggr_jax import rundir, ssl
 from ggr_jax.rectify import MODES
 from ggr_jax.train.metrics_log import read
 
@@ -90,7 +90,7 @@ def collect(root: str | pathlib.Path) -> list[Run]:
     except (OSError, json.JSONDecodeError) as err:
       print(f"report: skipping {path}: {err}", file=sys.stderr)
       continue
-    cfg = s.get("config", {})
+    cfg = _own_blocks(s.get("config", {}))
     runs.append(Run(
         cell=str(path.parent.relative_to(root)), algorithm=cfg.get("algorithm", s.get("algorithm")),
         dataset=cfg.get("dataset.name", "?"), labels=cfg.get("dataset.labels_per_class"),
@@ -100,6 +100,14 @@ def collect(root: str | pathlib.Path) -> list[Run]:
         workdir=path.parent, config=cfg, **{k: _float(s.get(k)) for k in OFFICIAL}))
   _label_variants(runs)
   return runs
+
+
+def _own_blocks(cfg: dict[str, Any]) -> dict[str, Any]:
+  """The flat config without the blocks of algorithms the run does not train (they tell
+  no runs apart, and a block added to the config later must not split a group)."""
+  algorithm = cfg.get("algorithm")
+  others = set(ssl.names()) - {algorithm}
+  return {k: v for k, v in cfg.items() if k.split(".")[0] not in others}
 
 
 def _context(run: Run) -> tuple:
