@@ -63,17 +63,36 @@ def _tuple(value, spatial: int) -> tuple[int, ...]:
 
 
 def _conv_patches(module: nn.Conv, x: jax.Array) -> jax.Array:
-  """``(N, positions, kh*kw*cin)``: the receptive field of every output position."""
+  """``(N, positions, kh*kw*cin)``: the receptive field of every output position.
+
+  2-D convolutions without input dilation gather the ``kh * kw`` shifted windows of the
+  padded input (copies, no multiplications); others use
+  ``lax.conv_general_dilated_patches``, a convolution with an identity kernel that costs
+  ``kh*kw*cin`` times more multiplications than the layer itself.
+  """
   if module.feature_group_count != 1:
     raise ValueError(f"exact per-sample geometry: conv {'/'.join(module.path)} has "
                      f"feature_group_count={module.feature_group_count}; use method='vmap'.")
   spatial = len(module.kernel_size)
+  kernel, strides = tuple(module.kernel_size), _tuple(module.strides, spatial)
+  dilation, input_dilation = _tuple(module.kernel_dilation, spatial), _tuple(
+      module.input_dilation, spatial)
+  padding = _conv_padding(module, spatial)
+  if spatial == 2 and input_dilation == (1, 1):
+    window = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
+    pads = jax.lax.padtype_to_pads(x.shape[1:3], window, strides, padding) \
+        if isinstance(padding, str) else padding
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    out = [(xp.shape[1 + i] - window[i]) // strides[i] + 1 for i in range(2)]
+    windows = [xp[:, i * dilation[0]:i * dilation[0] + (out[0] - 1) * strides[0] + 1:strides[0],
+                  j * dilation[1]:j * dilation[1] + (out[1] - 1) * strides[1] + 1:strides[1], :]
+               for i in range(kernel[0]) for j in range(kernel[1])]
+    return jnp.concatenate(windows, axis=-1).reshape(x.shape[0], out[0] * out[1], -1)
   letters = "HWD"[:spatial]
   dims = ("N" + letters + "C", letters + "IO", "N" + letters + "C")
   patches = jax.lax.conv_general_dilated_patches(
-      x, tuple(module.kernel_size), _tuple(module.strides, spatial),
-      _conv_padding(module, spatial), lhs_dilation=_tuple(module.input_dilation, spatial),
-      rhs_dilation=_tuple(module.kernel_dilation, spatial), dimension_numbers=dims)
+      x, kernel, strides, padding, lhs_dilation=input_dilation, rhs_dilation=dilation,
+      dimension_numbers=dims)
   return patches.reshape(patches.shape[0], -1, patches.shape[-1])
 
 

@@ -156,7 +156,7 @@ class _Config(NamedTuple):
   granularity: str
   eps: Any
   span_tol: Any
-  start_step: int
+  start_step: Any  # an int, or traced under inject_hyperparams
 
 
 def _validate(mode: str, *, alpha: Any, aux_weight: Any, scope: Scope, subspace_dim: Any,
@@ -204,8 +204,10 @@ def _validate(mode: str, *, alpha: Any, aux_weight: Any, scope: Scope, subspace_
   if scope is not None and not callable(scope):
     jax.tree.map(lambda m: None, scope)  # must be a pytree
   start = _concrete_int(start_step, "start_step")
-  if start is None or start < 0:
-    raise ValueError(f"start_step must be a static integer >= 0, got {start_step!r}.")
+  if start is not None and start < 0:
+    raise ValueError(f"start_step must be an integer >= 0, got {start_step!r}.")
+  if start is None:  # traced by inject_hyperparams: compared with the count at run time
+    start = start_step
   return _Config(mode=mode, k=k, alpha=alpha, aux_weight=aux_weight, scope=scope,
                  interval=subspace_interval, basis_signs=basis_signs,
                  granularity=granularity, eps=eps, span_tol=span_tol, start_step=start)
@@ -265,7 +267,7 @@ def _update(cfg: _Config, updates: PyTree, state: RectifyState, aux_grads: PyTre
             aux_sample_dots: Callable | None) -> tuple[PyTree, RectifyState]:
   """One update; before ``cfg.start_step`` the plain sum with the basis left alone."""
   _check_aux(updates, aux_grads)
-  if cfg.start_step == 0:
+  if isinstance(cfg.start_step, int) and cfg.start_step == 0:
     return _rectify_blocks(cfg, updates, state, aux_grads, aux_sample_dots)
   # the sum keeps the block layout of the state; per-sample inner products are not needed
   warmup = cfg._replace(mode="sum", granularity="global" if cfg.granularity == "per_sample"
@@ -434,7 +436,7 @@ def rectify(
       conflicting samples.
     eps: clamp of squared norms in denominators.
     span_tol: tracker threshold for "inside the span" (default: dtype dependent).
-    start_step: the first update that is rectified (a static int >= 0).
+    start_step: the first update that is rectified (an int >= 0; schedulable).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`RectifyState`.

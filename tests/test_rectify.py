@@ -269,7 +269,7 @@ def test_apply_if_finite_around_the_chain_skips_a_non_finite_anchor():
     (dict(mode="vlr", granularity="per_row"), "granularity must be one of"),
     (dict(mode="vlr", alpha=-1.0), "alpha must be finite and >= 0"),
     (dict(mode="vlr", aux_weight=float("nan")), "aux_weight must be finite"),
-    (dict(mode="vlr", start_step=-1), "start_step must be a static integer >= 0"),
+    (dict(mode="vlr", start_step=-1), "start_step must be an integer >= 0"),
     (dict(mode="vlr", start_step=1.5), "start_step must be an integer"),
 ])
 def test_bad_configuration_fails_at_construction(kwargs, match):
