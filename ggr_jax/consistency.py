@@ -68,8 +68,9 @@ class ViewGeometry(NamedTuple):
   @property
   def cos(self) -> jax.Array:
     """``dot / sqrt(sq_w * sq_s)``; 0 where a gradient vanishes."""
-    denom = jnp.sqrt(self.sq_w * self.sq_s)
-    return jnp.where(denom > 0, self.dot / jnp.where(denom > 0, denom, 1.0), 0.0)
+    product = self.sq_w * self.sq_s
+    positive = product > 0  # guarded twice, so that no inf or NaN enters a gradient
+    return jnp.where(positive, self.dot / jnp.sqrt(jnp.where(positive, product, 1.0)), 0.0)
 
 
 def _is_normalization(module: nn.Module) -> bool:
