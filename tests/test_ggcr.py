@@ -12,7 +12,7 @@ from ggr_jax.models import build_model
 from ggr_jax.ssl import LossContext, ggcr
 from ggr_jax.train import config as config_lib
 from ggr_jax.train import loop, step as step_lib
-from tests.test_train import _equal_params, _one_step, tiny_config
+from tests.test_train import _equal_params, _one_step, losses_at_init, tiny_config
 
 COMPOSED = ("ggcr", "iomatch_ggcr", "openmatch_ggcr")
 
@@ -56,16 +56,7 @@ def test_before_its_warm_up_ggcr_is_fixmatch_with_hard_labels(split):
 
 
 def _losses(algorithm, split, **consistency):
-  cfg = _config(algorithm, **consistency)
-  model = build_model("cnn", split.num_classes, ssl.head(algorithm))
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)), train=False)
-  views = step_lib.make_views(cfg, split.mean, split.std, None)
-  data = {"x_labeled": split.x_labeled, "y_labeled": split.y_labeled.astype(np.int32),
-          "x_unlabeled": split.x_unlabeled, "unlabeled_is_id": split.unlabeled_is_id}
-  batch = views(jax.random.PRNGKey(1), 0, data, jnp.ones(split.x_unlabeled.shape[0], bool))
-  ctx = LossContext(step_lib.make_apply_fn(model), variables["params"], variables["batch_stats"],
-                    batch, jax.random.PRNGKey(2), 0, step_lib.algorithm_config(cfg))
-  return ssl.get(algorithm).losses(ctx)
+  return losses_at_init(_config(algorithm, **consistency), split, jax.random.PRNGKey(2))
 
 
 def test_the_term_is_auxiliary_by_default_and_can_be_the_anchor(split):

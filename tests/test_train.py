@@ -165,19 +165,23 @@ def _one_step(cfg, split):
   return program.train_step(state, program.feed(split_arrays(split), state, 0).next(0))
 
 
-@pytest.mark.parametrize("algorithm", BASE_ALGORITHMS)
-def test_per_sample_terms_sum_to_the_auxiliary_loss(algorithm, split):
-  cfg = live_aux_config(algorithm)
+def losses_at_init(cfg, split, rng=None):
+  """The algorithm's ``Losses`` for one augmented digits batch at the CNN's initialisation."""
+  algorithm = cfg.algorithm
   model = build_model("cnn", split.num_classes, ssl.head(algorithm))
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)), train=False)
   views = step_lib.make_views(cfg, split.mean, split.std, None)
   data = {"x_labeled": split.x_labeled, "y_labeled": split.y_labeled.astype(np.int32),
           "x_unlabeled": split.x_unlabeled, "unlabeled_is_id": split.unlabeled_is_id}
   batch = views(jax.random.PRNGKey(1), 0, data, jnp.ones(split.x_unlabeled.shape[0], bool))
-  apply_fn = step_lib.make_apply_fn(model)
-  out = ssl.get(algorithm).losses(LossContext(
-      apply_fn, variables["params"], variables["batch_stats"], batch, None, 0,
-      step_lib.algorithm_config(cfg)))
+  return ssl.get(algorithm).losses(LossContext(
+      step_lib.make_apply_fn(model), variables["params"], variables["batch_stats"], batch, rng,
+      0, step_lib.algorithm_config(cfg)))
+
+
+@pytest.mark.parametrize("algorithm", BASE_ALGORITHMS)
+def test_per_sample_terms_sum_to_the_auxiliary_loss(algorithm, split):
+  out = losses_at_init(live_aux_config(algorithm), split)
   terms, is_id = out.sample_aux, out.sample_is_id
   assert terms.shape == is_id.shape and terms.ndim == 1
   aux = sum(out.auxiliary.values(), 0.0)
