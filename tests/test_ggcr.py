@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from ggr_jax import ssl
-from ggr_jax.models import build_model
 from ggr_jax.ssl import LossContext, ggcr
 from ggr_jax.train import config as config_lib
 from ggr_jax.train import loop, step as step_lib
