@@ -14,12 +14,15 @@ def get_config() -> ml_collections.ConfigDict:
   cfg.algorithm = "fixmatch"
 
   # name: digits (embedded), cifar10, cifar100 (num_id_classes 50 or 20), imagenet30
-  # (in30_labels p1 or p5, images resized to image_size). data_dir: the tfds data
-  # directory or the ImageNet-30 root ("" = the tfds default). max_test_images: evaluate
-  # on the first N test images only (0 = all; smoke runs).
+  # (in30_labels p1 or p5, images resized to image_size), imagenet (tfds
+  # imagenet2012_subset/<imagenet_subset>, closed-set, streamed). protocol: "openset"
+  # (id_classes known, the rest OOD) or "closed" (every class known; closed-set SSL, top-1
+  # and top-5). data_dir: the tfds data directory or the ImageNet-30 root ("" = the tfds
+  # default). max_test_images: evaluate on the first N test images only (0 = all).
   cfg.dataset = ml_collections.ConfigDict(dict(
-      name="digits", id_classes=(0, 1, 2, 3, 4, 5), labels_per_class=5, test_fraction=0.3,
-      num_id_classes=50, in30_labels="p1", image_size=256, data_dir="", max_test_images=0))
+      name="digits", protocol="openset", id_classes=(0, 1, 2, 3, 4, 5), labels_per_class=5,
+      test_fraction=0.3, num_id_classes=50, in30_labels="p1", imagenet_subset="1pct",
+      image_size=256, data_dir="", max_test_images=0))
   # BatchNorm momentum (PyTorch convention): the official 0.001 averages over ~1000
   # steps, too slow for a 2000-step run; 0.01 keeps eval-mode statistics current.
   cfg.model = ml_collections.ConfigDict(dict(backbone="cnn", bn_momentum=0.01))

@@ -46,9 +46,14 @@ def _default_workdir(cfg) -> str:
 
 
 def _print_results(title: str, result: dict[str, Any]) -> None:
-  rows = [("closed-set acc (ID test)", result.get("closed_acc")),
-          ("open-set balanced acc", result.get("open_bacc")),
-          ("AUROC ID vs OOD", result.get("auroc"))]
+  if result.get("protocol") == "closed":
+    rows = [("top-1 acc (test)", result.get("closed_acc")),
+            ("top-5 acc (test)", result.get("top5_acc")),
+            ("mean class acc (test)", result.get("mean_class_acc"))]
+  else:
+    rows = [("closed-set acc (ID test)", result.get("closed_acc")),
+            ("open-set balanced acc", result.get("open_bacc")),
+            ("AUROC ID vs OOD", result.get("auroc"))]
   print(f"\n{title}")
   for name, value in rows:
     print(f"  {name:<26}{value:.4f}" if isinstance(value, float) else f"  {name:<26}{value}")

@@ -1,4 +1,5 @@
-"""Open-set evaluation on host (numpy) arrays, following the official ``eval.py``.
+"""Open-set evaluation on host (numpy) arrays, following the official ``eval.py``; and
+the closed-set SSL protocol's top-1/top-5 accuracy (:func:`closed_set_metrics`).
 
 * closed accuracy: argmax of the closed-set logits on the ID samples;
 * open balanced accuracy: ``balanced_accuracy_score`` over ``K + 1`` classes, every
@@ -30,7 +31,8 @@ from typing import Any, Literal, Mapping
 
 import numpy as np
 from scipy.special import softmax  # scipy is a dependency of scikit-learn
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score, roc_auc_score
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, recall_score, roc_auc_score,
+                             top_k_accuracy_score)
 
 UnknownIf = Literal["high", "low"]
 
@@ -102,6 +104,34 @@ def closed_set_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
   if not labels.size:
     raise ValueError("closed_set_accuracy needs at least one sample.")
   return float(accuracy_score(labels, logits.argmax(axis=1)))
+
+
+def closed_set_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int
+                       ) -> dict[str, Any]:
+  """The closed-set SSL protocol's metrics: every test sample is of a known class.
+
+  Returns ``closed_acc`` (top-1), ``top5_acc`` (the label among the five largest
+  logits; only with more than five classes, where it is not trivially 1),
+  ``closed_per_class_acc`` and ``mean_class_acc`` (their mean over present classes).
+
+  Example:
+    >>> logits = np.eye(7)[[0, 1, 2, 3]] + np.arange(7) * 0.01
+    >>> m = closed_set_metrics(logits, np.array([0, 1, 2, 6]), 7)
+    >>> m["closed_acc"], m["top5_acc"], m["mean_class_acc"]
+    (0.75, 1.0, 0.75)
+  """
+  logits = _logits_2d(logits, "logits")
+  if logits.shape[1] != num_classes:
+    raise ValueError(f"logits have {logits.shape[1]} classes, num_classes is {num_classes}.")
+  labels = _int_labels(labels, "labels", len(logits))
+  per_class = per_class_accuracy(logits.argmax(axis=1), labels, num_classes)
+  metrics = {"closed_acc": closed_set_accuracy(logits, labels),
+             "closed_per_class_acc": per_class.tolist(),
+             "mean_class_acc": float(np.nanmean(per_class))}
+  if num_classes > 5:
+    metrics["top5_acc"] = float(top_k_accuracy_score(labels, logits, k=5,
+                                                     labels=np.arange(num_classes)))
+  return metrics
 
 
 def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""ImageNet-30 ResNets: BasicBlock ResNet-18 and the official Bottleneck ``resnet18``."""
+"""ImageNet ResNets: BasicBlock ResNet-18, the official Bottleneck ``resnet18``, ResNet-50."""
 
 from __future__ import annotations
 
@@ -9,20 +9,20 @@ import pytest
 from flax import traverse_util
 
 from ggr_jax.models import BACKBONES, build_model
-from ggr_jax.models.resnet import ResNet, resnet18, resnet18_official
+from ggr_jax.models.resnet import ResNet, resnet18, resnet18_official, resnet50
 
 
 def _count(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-def _expected_count(block: str, num_classes: int) -> int:
-  """Parameters of the torchvision layout with layers [2, 2, 2, 2], counted by hand."""
+def _expected_count(block: str, num_classes: int, layers=(2, 2, 2, 2)) -> int:
+  """Parameters of the torchvision layout with ``layers``, counted by hand."""
   expansion = 4 if block == "bottleneck" else 1
   total = 7 * 7 * 3 * 64 + 2 * 64  # stem conv + BN
   width = 64
-  for stage, planes in enumerate((64, 128, 256, 512)):
-    for i in range(2):
+  for stage, (planes, count) in enumerate(zip((64, 128, 256, 512), layers)):
+    for i in range(count):
       out = planes * expansion
       if block == "bottleneck":
         total += width * planes + 9 * planes * planes + planes * out + 2 * (2 * planes + out)
@@ -43,6 +43,12 @@ def test_basic_resnet18_parameter_count_matches_torchvision():
   assert _count(_shapes(resnet18(1000), x)["params"]) == 11_689_512  # torchvision resnet18
   assert _expected_count("basic", 1000) == 11_689_512
   assert _count(_shapes(resnet18(20), x)["params"]) == _expected_count("basic", 20)
+
+
+def test_resnet50_parameter_count_matches_torchvision():
+  x = jnp.zeros((1, 32, 32, 3))
+  assert _count(_shapes(resnet50(1000), x)["params"]) == 25_557_032  # torchvision resnet50
+  assert _expected_count("bottleneck", 1000, (3, 4, 6, 3)) == 25_557_032
 
 
 def test_official_resnet18_is_a_bottleneck_net_of_13_99m_parameters_at_20_classes():

@@ -44,6 +44,9 @@ GEOMETRIC_FILL = (0.0, 0.0, 0.0)
 # statistics, CIFAR-100 its own.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The closed-set SSL codebases (FixMatch, USB) normalise CIFAR-10 by its own statistics.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 CIFAR100_MEAN = (129.3 / 255, 124.1 / 255, 112.4 / 255)
 CIFAR100_STD = (68.2 / 255, 65.4 / 255, 70.4 / 255)
 

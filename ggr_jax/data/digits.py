@@ -21,7 +21,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from ggr_jax.data.openset import OpenSetSplit, make_openset_split
+from ggr_jax.data.openset import OpenSetSplit, make_closed_split, make_openset_split
 
 
 def load_digits_arrays(test_fraction: float = 0.3, split_seed: int = 0
@@ -47,6 +47,12 @@ def load_digits_arrays(test_fraction: float = 0.3, split_seed: int = 0
   return x_train, y_train, x_test, y_test
 
 
+def _pixel_stats(x_train: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  pixels = x_train.astype(np.float64) / 255.0
+  return (tuple(float(m) for m in pixels.mean(axis=(0, 1, 2))),
+          tuple(float(s) for s in pixels.std(axis=(0, 1, 2))))
+
+
 def digits_split(*, id_classes: Sequence[int] = (0, 1, 2, 3, 4, 5), labels_per_class: int,
                  seed: int, test_fraction: float = 0.3, split_seed: int = 0) -> OpenSetSplit:
   """The open-set digits split (default: digits 0-5 known, 6-9 unknown).
@@ -58,11 +64,27 @@ def digits_split(*, id_classes: Sequence[int] = (0, 1, 2, 3, 4, 5), labels_per_c
   labeled draw. The split is named ``digits_<K>_<M>``, e.g. ``digits_6_4``.
   """
   x_train, y_train, x_test, y_test = load_digits_arrays(test_fraction, split_seed)
-  pixels = x_train.astype(np.float64) / 255.0
-  mean = tuple(float(m) for m in pixels.mean(axis=(0, 1, 2)))
-  std = tuple(float(s) for s in pixels.std(axis=(0, 1, 2)))
+  mean, std = _pixel_stats(x_train)
   num_ood = len(set(range(10)) - set(id_classes))
   return make_openset_split(
       x_train, y_train, x_test, y_test, id_classes=id_classes,
       labels_per_class=labels_per_class, seed=seed, mean=mean, std=std,
       name=f"digits_{len(id_classes)}_{num_ood}")
+
+
+def digits_closed_split(*, labels_per_class: int, seed: int, test_fraction: float = 0.3,
+                        split_seed: int = 0) -> OpenSetSplit:
+  """The closed-set digits split ``"digits_closed"``: all ten digits known.
+
+  The closed-set SSL analogue of CIFAR-10 with 40 labels is ``labels_per_class=4``.
+  The train/test split and the normalisation are those of :func:`digits_split`.
+
+  Example:
+    >>> split = digits_closed_split(labels_per_class=4, seed=0)
+    >>> split.x_labeled.shape, split.num_classes, split.is_closed_set
+    ((40, 8, 8, 1), 10, True)
+  """
+  x_train, y_train, x_test, y_test = load_digits_arrays(test_fraction, split_seed)
+  mean, std = _pixel_stats(x_train)
+  return make_closed_split(x_train, y_train, x_test, y_test, labels_per_class=labels_per_class,
+                           seed=seed, mean=mean, std=std, name="digits_closed")

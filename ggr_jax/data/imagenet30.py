@@ -47,6 +47,7 @@ from PIL import Image
 
 from ggr_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from ggr_jax.data.openset import OpenSetSplit, assemble_split
+from ggr_jax.data.resize import square_image
 
 NUM_ID_CLASSES = 20
 LABELED_LISTS = ("p1", "p5")
@@ -91,19 +92,7 @@ def _resolve(entry: str, root: pathlib.Path) -> pathlib.Path:
 
 def _load_image(path: pathlib.Path, size: int, centre_crop: bool) -> np.ndarray:
   with Image.open(path) as image:
-    image = image.convert("RGB")
-    if not centre_crop:
-      return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
-    width, height = image.size
-    # torchvision's Resize(int): the shorter side becomes size, the longer
-    # int(size * long / short).
-    if width <= height:
-      new_w, new_h = size, int(size * height / width)
-    else:
-      new_w, new_h = int(size * width / height), size
-    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
-    return np.asarray(image.crop((left, top, left + size, top + size)))
+    return square_image(image, size, centre_crop)
 
 
 def load_images(paths: Sequence[pathlib.Path], image_size: int, *, centre_crop: bool,

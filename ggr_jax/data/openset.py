@@ -11,6 +11,9 @@ From a labelled train/test pair and a list of in-distribution (ID) classes:
   ``test_full`` is the whole test split with every OOD label mapped to ``K``
   ("unknown", official ``full``).
 
+The closed-set SSL protocol (:func:`make_closed_split`) is the degenerate case with
+every class known: no OOD data, ``test_id`` and ``test_full`` are the whole test split.
+
 Example:
   >>> import numpy as np
   >>> rng = np.random.default_rng(0)
@@ -38,7 +41,11 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class OpenSetSplit:
-  """One open-set split; every array is a read-only numpy array.
+  """One open-set (or closed-set) split; every array is read-only.
+
+  The image and label arrays are numpy arrays, or, for data sets too large for memory,
+  read-only tables read on demand (:mod:`ggr_jax.data.imagenet_subset`) that support
+  ``shape``, ``len`` and indexing by row numbers.
 
   Attributes:
     x_labeled: labeled ID images, uint8 NHWC, grouped by class (class 0 first).
@@ -53,7 +60,8 @@ class OpenSetSplit:
     num_classes: ``K``, the number of ID classes.
     id_classes: original ids of the ID classes; ``id_classes[i]`` becomes label ``i``.
     ood_classes: original ids of the OOD classes, ascending.
-    labeled_index: rows of the training set that form ``x_labeled`` (same order).
+    labeled_index: rows of the training set that form ``x_labeled`` (same order); -1
+      where the labeled set comes from another data set (ImageNet's tfds subsets).
     mean, std: per-channel normalisation on the [0, 1] scale.
     name: a short identifier such as ``"digits_6_4"``.
   """
@@ -76,6 +84,11 @@ class OpenSetSplit:
   std: tuple[float, ...]
   name: str
 
+  @property
+  def is_closed_set(self) -> bool:
+    """True for a closed-set split (every class known, no OOD data)."""
+    return not self.ood_classes
+
   def summary(self) -> dict[str, Any]:
     """Counts for logging: labeled per class, unlabeled ID/OOD, test ID/full."""
     k = self.num_classes
@@ -86,7 +99,8 @@ class OpenSetSplit:
         "ood_classes": list(self.ood_classes),
         "image_shape": list(self.x_unlabeled.shape[1:]),
         "labeled": int(self.y_labeled.size),
-        "labeled_per_class": np.bincount(self.y_labeled, minlength=k).tolist(),
+        # [:] reads the labels of a table read on demand (ggr_jax.data.imagenet_subset)
+        "labeled_per_class": np.bincount(self.y_labeled[:], minlength=k).tolist(),
         "unlabeled": int(self.y_unlabeled.size),
         "unlabeled_id": int(self.unlabeled_is_id.sum()),
         "unlabeled_ood": int((~self.unlabeled_is_id).sum()),
@@ -145,7 +159,7 @@ def _check_count(value: Any, name: str) -> int:
 def make_openset_split(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
                        y_test: np.ndarray, *, id_classes: Sequence[int], labels_per_class: int,
                        seed: int, mean: Sequence[float], std: Sequence[float],
-                       name: str) -> OpenSetSplit:
+                       name: str, closed_set: bool = False) -> OpenSetSplit:
   """Builds an :class:`OpenSetSplit` with the official open-set protocol.
 
   Args:
@@ -163,6 +177,9 @@ def make_openset_split(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndar
       does not).
     mean, std: per-channel normalisation on the [0, 1] scale, stored with the split.
     name: identifier stored with the split.
+    closed_set: True when a split without OOD classes is intended (the closed-set
+      protocol, :func:`make_closed_split`): no warning, and every test class must be
+      a training class.
 
   Returns:
     The split; its arrays are read-only.
@@ -204,7 +221,10 @@ def make_openset_split(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndar
                      f"{sorted(train_classes)}); pick ID classes from those.")
   ood_classes = tuple(sorted((train_classes | set(np.unique(y_test).tolist()))
                              - set(id_classes)))
-  if not ood_classes:
+  if closed_set and ood_classes:
+    raise ValueError(f"{name}: a closed-set split needs every class among id_classes, but "
+                     f"{list(ood_classes)} are not; list them or use the open-set protocol.")
+  if not ood_classes and not closed_set:
     warnings.warn(f"{name}: every class is an ID class, so the split has no OOD data and "
                   f"AUROC and unknown recall will be undefined (NaN).", stacklevel=2)
 
@@ -265,3 +285,31 @@ def assemble_split(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
       std=tuple(std),
       name=name,
   )
+
+
+def make_closed_split(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                      y_test: np.ndarray, *, labels_per_class: int, seed: int,
+                      mean: Sequence[float], std: Sequence[float], name: str) -> OpenSetSplit:
+  """The closed-set SSL protocol: every training class is known.
+
+  ``labels_per_class`` labeled images per class are drawn from ``seed`` exactly as in
+  :func:`make_openset_split` (one draw per class, ascending class id); the unlabeled
+  set is the whole training set; ``test_id`` and ``test_full`` are both the whole test
+  split. Class ids are kept (classes are remapped to ``0..K-1`` in ascending order,
+  which is the identity for the usual ``0..K-1`` labels). Every test class must occur
+  in ``y_train``.
+
+  Example:
+    >>> import numpy as np
+    >>> x = np.zeros((12, 2, 2, 1), np.uint8)
+    >>> y = np.repeat(np.arange(3), 4)
+    >>> split = make_closed_split(x, y, x[:6], y[::2], labels_per_class=2, seed=0,
+    ...                           mean=(0.5,), std=(0.5,), name="toy")
+    >>> split.is_closed_set, split.num_classes, split.y_labeled.tolist()
+    (True, 3, [0, 0, 1, 1, 2, 2])
+  """
+  classes = np.unique(_check_labels(y_train, "y_train", len(np.asarray(x_train)), "x_train"))
+  return make_openset_split(x_train, y_train, x_test, y_test,
+                            id_classes=tuple(int(c) for c in classes),
+                            labels_per_class=labels_per_class, seed=seed, mean=mean, std=std,
+                            name=name, closed_set=True)

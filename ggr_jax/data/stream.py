@@ -100,7 +100,9 @@ class HostStream:
                          "devices of the mesh; choose a batch size divisible by it.")
     if "selected" in sizes and selected is None:
       raise ValueError("the 'selected' source needs the inlier mask: pass selected=...")
-    self._split = {name: np.asarray(split[name]) for name in
+    # tables read on demand (ImageNet) are indexed as they are, never converted
+    self._split = {name: split[name] if getattr(split[name], "read_on_demand", False)
+                   else np.asarray(split[name]) for name in
                    ("x_labeled", "y_labeled", "x_unlabeled", "unlabeled_is_id")}
     self._counts = {name: self._split[name].shape[0] for name in ("x_labeled", "x_unlabeled")}
     self._cpu = jax.local_devices(backend="cpu")[0]

@@ -15,6 +15,10 @@ Splits (official protocol, see :mod:`ggr_jax.data.openset`):
 * CIFAR-10 6/4: ID = original classes 2..7 (bird, cat, deer, dog, frog, horse) as
   labels 0..5, OOD = 0, 1, 8, 9 (airplane, automobile, ship, truck). ImageNet
   normalisation, as the official code uses for CIFAR-10.
+* Closed-set CIFAR-10 and CIFAR-100 (:func:`cifar10_closed_split`,
+  :func:`cifar100_closed_split`): every class known, normalised by each data set's own
+  statistics as the closed-set SSL codebases do; 40/250/4000 labels on CIFAR-10 are
+  ``labels_per_class`` 4/25/400, 400/2500 on CIFAR-100 are 4/25.
 * CIFAR-100 K/(100-K): ID = the 5 fine classes of each of the first K/5 superclasses
   in coarse-label order (:data:`CIFAR100_SUPERCLASSES`), ascending fine id, so 50/50
   takes superclasses 0-9 and 20/80 superclasses 0-3. CIFAR-100 normalisation
@@ -37,8 +41,9 @@ from typing import Any, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ggr_jax.data.augment import CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD
-from ggr_jax.data.openset import OpenSetSplit, make_openset_split
+from ggr_jax.data.augment import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD,
+                                  IMAGENET_MEAN, IMAGENET_STD)
+from ggr_jax.data.openset import OpenSetSplit, make_closed_split, make_openset_split
 
 CIFAR10_ID_CLASSES = (2, 3, 4, 5, 6, 7)
 
@@ -73,14 +78,15 @@ class DatasetNotPreparedError(FileNotFoundError):
   """The tfds dataset is not prepared (in array_record format) in the data directory."""
 
 
-def _data_dir(data_dir: str | os.PathLike | None) -> str | None:
+def data_dir_or_env(data_dir: str | os.PathLike | None) -> str | None:
   # tfds reads TFDS_DATA_DIR once at import; read it per call instead.
   if data_dir is not None:
     return os.fspath(data_dir)
   return os.environ.get("TFDS_DATA_DIR")
 
 
-def _open(name: str, split: str, data_dir: str | None) -> Any:
+def open_source(name: str, split: str, data_dir: str | None) -> Any:
+  """``tfds.data_source(name, split)``, or :class:`DatasetNotPreparedError` naming the fix."""
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except (KeyError, NotImplementedError) as err:
@@ -103,31 +109,34 @@ def _open(name: str, split: str, data_dir: str | None) -> Any:
         f"TFDS_DATA_DIR to the folder that holds it.") from err
 
 
+def read_records(source: Any, keys: Sequence[int]) -> list[dict[str, Any]]:
+  """The decoded records ``keys`` of a tfds data source, in one bulk read where it can."""
+  try:
+    return list(source.__getitems__(list(keys)))
+  except TypeError:  # tfds.testing.mock_data's stand-in reader has no usable __getitems__
+    return [source[k] for k in keys]
+
+
 def _read_all(source: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
   """Every ``(image, label)`` of a data source, read in bulk chunks."""
   features = source.dataset_info.features
-  if "image" not in features or "label" not in features:
-    raise ValueError(f"{name} has features {sorted(features)}; an 'image' and a 'label' "
-                     f"feature are needed.")
+  check_features(features, name)
   n = len(source)
   images = np.empty((n, *features["image"].shape), np.uint8)
   labels = np.empty(n, np.int32)
-  bulk = True
   for start in range(0, n, _CHUNK):
-    keys = list(range(start, min(n, start + _CHUNK)))
-    records = None
-    if bulk:
-      try:
-        records = source.__getitems__(keys)
-      except TypeError:
-        # tfds.testing.mock_data's stand-in reader has no usable __getitems__.
-        bulk = False
-    if records is None:
-      records = [source[k] for k in keys]
+    records = read_records(source, range(start, min(n, start + _CHUNK)))
     for offset, record in enumerate(records):
       images[start + offset] = record["image"]
       labels[start + offset] = record["label"]
   return images, labels
+
+
+def check_features(features: Any, name: str) -> None:
+  """Raises ValueError unless ``features`` hold an ``image`` and a ``label``."""
+  if "image" not in features or "label" not in features:
+    raise ValueError(f"{name} has features {sorted(features)}; an 'image' and a 'label' "
+                     f"feature are needed.")
 
 
 def load_tfds_arrays(name: str, data_dir: str | os.PathLike | None = None
@@ -144,8 +153,8 @@ def load_tfds_arrays(name: str, data_dir: str | os.PathLike | None = None
       and the ``tfds build`` command that prepares it.
     ValueError: the data set lacks an ``image`` or ``label`` feature.
   """
-  data_dir = _data_dir(data_dir)
-  train, test = _open(name, "train", data_dir), _open(name, "test", data_dir)
+  data_dir = data_dir_or_env(data_dir)
+  train, test = open_source(name, "train", data_dir), open_source(name, "test", data_dir)
   x_train, y_train = _read_all(train, name)
   x_test, y_test = _read_all(test, name)
   return x_train, y_train, x_test, y_test
@@ -208,3 +217,23 @@ def cifar100_split(*, num_id_classes: int = 50, labels_per_class: int, seed: int
   return _split("cifar100", id_classes, CIFAR100_MEAN, CIFAR100_STD,
                 f"cifar100_{num_id_classes}_{100 - num_id_classes}", labels_per_class, seed,
                 data_dir)
+
+
+def cifar10_closed_split(*, labels_per_class: int, seed: int,
+                         data_dir: str | os.PathLike | None = None) -> OpenSetSplit:
+  """Closed-set CIFAR-10 (``"cifar10_closed"``): all 10 classes, CIFAR-10 statistics."""
+  return _closed("cifar10", CIFAR10_MEAN, CIFAR10_STD, labels_per_class, seed, data_dir)
+
+
+def cifar100_closed_split(*, labels_per_class: int, seed: int,
+                          data_dir: str | os.PathLike | None = None) -> OpenSetSplit:
+  """Closed-set CIFAR-100 (``"cifar100_closed"``): all 100 fine classes."""
+  return _closed("cifar100", CIFAR100_MEAN, CIFAR100_STD, labels_per_class, seed, data_dir)
+
+
+def _closed(name: str, mean: Sequence[float], std: Sequence[float], labels_per_class: int,
+            seed: int, data_dir: str | os.PathLike | None) -> OpenSetSplit:
+  _check_draw(labels_per_class, seed)
+  x_train, y_train, x_test, y_test = load_tfds_arrays(name, data_dir)
+  return make_closed_split(x_train, y_train, x_test, y_test, labels_per_class=labels_per_class,
+                           seed=seed, mean=mean, std=std, name=f"{name}_closed")

@@ -1,4 +1,4 @@
-"""Flax models: backbones (digits CNN, WRN-28-2, ImageNet-30 ResNets) and the open-set heads."""
+"""Flax models: backbones (digits CNN, WRN-28-2, ImageNet ResNets) and the open-set heads."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from flax import linen as nn
 
 from ggr_jax.models.heads import OpenSetNet
 
-BACKBONES = ("cnn", "wrn28_2", "resnet18", "resnet18_official")
+BACKBONES = ("cnn", "wrn28_2", "resnet18", "resnet18_official", "resnet50")
 
 
 def build_model(backbone: str, num_classes: int, head: str = "none",
@@ -17,7 +17,8 @@ def build_model(backbone: str, num_classes: int, head: str = "none",
   running statistics (official: 0.001, a time constant of 1000 steps, for WRN-28-2;
   0.1, PyTorch's default, for the ImageNet-30 ResNets). ``resnet18`` is the BasicBlock
   ResNet-18 (512 features), ``resnet18_official`` the official code's ``resnet18``
-  (Bottleneck blocks, layers [2, 2, 2, 2], 2048 features).
+  (Bottleneck blocks, layers [2, 2, 2, 2], 2048 features), ``resnet50`` the standard
+  ResNet-50 (ImageNet with 1% labels).
   """
   if backbone == "cnn":
     from ggr_jax.models.cnn import SmallCNN  # pylint: disable=import-outside-toplevel
@@ -25,7 +26,7 @@ def build_model(backbone: str, num_classes: int, head: str = "none",
   elif backbone == "wrn28_2":
     from ggr_jax.models.wrn import WideResNet  # pylint: disable=import-outside-toplevel
     net = WideResNet(num_classes, bn_momentum=bn_momentum)
-  elif backbone in ("resnet18", "resnet18_official"):
+  elif backbone in ("resnet18", "resnet18_official", "resnet50"):
     from ggr_jax.models import resnet  # pylint: disable=import-outside-toplevel
     net = getattr(resnet, backbone)(num_classes, bn_momentum=bn_momentum)
   else:

@@ -1,4 +1,4 @@
-"""ImageNet-style ResNets for ImageNet-30, NHWC: BasicBlock ResNet-18 and the official ``resnet18``.
+"""ImageNet-style ResNets, NHWC: BasicBlock ResNet-18, the official ``resnet18``, ResNet-50.
 
 The official GGR ``resnet18`` (``nets/resnet/resnet.py``) is the torchvision ResNet
 layout with ``Bottleneck`` blocks and layers ``[2, 2, 2, 2]`` (a bottleneck
@@ -125,4 +125,11 @@ def resnet18(num_classes: int, bn_momentum: float = 0.1, **kwargs) -> ResNet:
 def resnet18_official(num_classes: int, bn_momentum: float = 0.1, **kwargs) -> ResNet:
   """The official GGR ``resnet18``: Bottleneck blocks, layers [2, 2, 2, 2], 2048 features."""
   return ResNet(num_classes, block="bottleneck", layers=(2, 2, 2, 2), bn_momentum=bn_momentum,
+                **kwargs)
+
+
+def resnet50(num_classes: int, bn_momentum: float = 0.1, **kwargs) -> ResNet:
+  """The standard ResNet-50: Bottleneck blocks, layers [3, 4, 6, 3], 2048 features
+  (25,557,032 parameters at 1000 classes, as torchvision's)."""
+  return ResNet(num_classes, block="bottleneck", layers=(3, 4, 6, 3), bn_momentum=bn_momentum,
                 **kwargs)

@@ -9,11 +9,16 @@ import ml_collections
 
 from ggr_jax.rectify import BASIS_SIGNS, GRANULARITIES, MODES, PER_SAMPLE_MODES, SUBSPACE_MODES
 from ggr_jax import ssl
+from ggr_jax.data import imagenet_subset
 from ggr_jax.evaluate import THRESHOLD_RULES
 from ggr_jax.models import BACKBONES
 from ggr_jax.train import optim, step as step_lib
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet30")
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet30", "imagenet")
+PROTOCOLS = ("openset", "closed")
+# the protocols each data set has (ImageNet-30 is open-set, ImageNet's 1%/10% closed)
+DATASET_PROTOCOLS = {"digits": PROTOCOLS, "cifar10": PROTOCOLS, "cifar100": PROTOCOLS,
+                     "imagenet30": ("openset",), "imagenet": ("closed",)}
 ANCHORS = ("joint", "labeled")
 SCOPES = ("backbone", "all")
 
@@ -61,7 +66,11 @@ def _get(cfg, field: str) -> Any:
 
 def _dataset(cfg: ml_collections.ConfigDict) -> None:
   name = cfg.dataset.name
-  if name != "imagenet30":  # its labeled set comes from the official file lists
+  _choice(cfg, "dataset.protocol", PROTOCOLS)
+  if cfg.dataset.protocol not in DATASET_PROTOCOLS[name]:
+    _fail("dataset.protocol", cfg.dataset.protocol,
+          f"dataset {name!r} has the protocol {DATASET_PROTOCOLS[name][0]!r} only")
+  if name not in ("imagenet30", "imagenet"):  # their labeled sets come from fixed lists
     _positive_int(cfg, "dataset.labels_per_class")
   if name == "cifar100" and cfg.dataset.num_id_classes not in range(5, 100, 5):
     _fail("dataset.num_id_classes", cfg.dataset.num_id_classes,
@@ -69,6 +78,12 @@ def _dataset(cfg: ml_collections.ConfigDict) -> None:
           "multiple of 5 below 100)")
   if name == "imagenet30":
     _choice(cfg, "dataset.in30_labels", ("p1", "p5"))
+  if name == "imagenet":
+    _choice(cfg, "dataset.imagenet_subset", imagenet_subset.SUBSETS)
+    if cfg.train.input != "stream":
+      _fail("train.input", cfg.train.input, "ImageNet is read on demand and never held whole: "
+            "use 'stream'")
+  if name in ("imagenet30", "imagenet"):
     _positive_int(cfg, "dataset.image_size")
   max_test = cfg.dataset.max_test_images
   if not isinstance(max_test, int) or isinstance(max_test, bool) or max_test < 0:
@@ -155,7 +170,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   crop = cfg.augment.crop
   if not isinstance(crop, int) or isinstance(crop, bool) or crop < 0:
     _fail("augment.crop", crop, "must be an integer >= 0 (0: no crop)")
-  if crop and cfg.dataset.name == "imagenet30" and crop > cfg.dataset.image_size:
+  if crop and cfg.dataset.name in ("imagenet30", "imagenet") and crop > cfg.dataset.image_size:
     _fail("augment.crop", crop, f"must not exceed dataset.image_size = {cfg.dataset.image_size}")
   _number(cfg, "augment.cutout", 0.0, 1.0)
 

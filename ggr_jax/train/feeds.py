@@ -86,6 +86,10 @@ def make_feed(input_kind: str, algorithm: Algorithm, sizes: dict[str, int],
               prefetch: int = 2) -> Feed:
   """The feed of ``train.input = input_kind`` for a run at ``state`` (step ``start``)."""
   if input_kind == "device":
+    lazy = [name for name, value in arrays.items() if getattr(value, "read_on_demand", False)]
+    if lazy:
+      raise ValueError(f"the split's {', '.join(lazy)} are read on demand and cannot be put on "
+                       "device whole; set --config.train.input=stream.")
     return ResidentFeed(arrays, mesh)
   if input_kind != "stream":
     raise ValueError(f"train.input = {input_kind!r}; use 'device' or 'stream'.")
