@@ -4,11 +4,19 @@
 
 Keys (all optional; defaults in brackets):
 
-* ``algorithm`` [fixmatch]: ``supervised``, ``fixmatch``, ``iomatch``, ``openmatch``.
-* ``dataset`` [digits]: ``digits`` (6/4), ``cifar10`` (6/4), ``cifar100_50`` (50/50),
-  ``cifar100_20`` (20/80), ``imagenet30`` (20/10).
-* ``labels`` [5]: labeled images per known class (CIFAR: 5, 10 or 25); for
-  ``imagenet30`` the official file list, ``p1`` or ``p5``.
+* ``algorithm`` [fixmatch]: ``supervised``, ``fixmatch``, ``iomatch``, ``openmatch``,
+  ``ggcr`` (FixMatch + gradient consistency), ``iomatch_ggcr``, ``openmatch_ggcr``.
+* ``dataset`` [digits]: open-set ``digits`` (6/4), ``cifar10`` (6/4), ``cifar100_50``
+  (50/50), ``cifar100_20`` (20/80), ``imagenet30`` (20/10); closed-set (every class
+  known, top-1/top-5) ``digits_closed``, ``cifar10_closed``, ``cifar100_closed``,
+  ``imagenet`` (ResNet-50, streamed from tfds).
+* ``labels`` [5; 4 closed-set]: labeled images per known class (open-set CIFAR: 5, 10
+  or 25; closed-set CIFAR-10 4/25/400 for 40/250/4000 labels, CIFAR-100 4/25 for
+  400/2500); for ``imagenet30`` the official file list, ``p1`` or ``p5``; for
+  ``imagenet`` the tfds subset, ``1pct`` or ``10pct``.
+* ``gc_method`` [exact], ``gc_weight`` [0.1], ``gc_warmup`` [1000]: the GGCR
+  algorithms' per-sample method (``exact``, ``sketch``, ``vmap``), lambda and the steps
+  before ``L_g`` starts (0: no warm-up); ``gc_sketch`` [64]: ``k`` of ``sketch``.
 * ``seed`` [0]: the labeled draw and every PRNG key of the run.
 * ``ggr`` [vlr]: ``sum`` (the plain SSL baseline), ``vlr``, ``osr``, ``csr``,
   ``pcgrad_sym``, ``conflict_drop``; ``osr``/``csr`` keep ``k = 10`` directions.
@@ -22,8 +30,8 @@ Keys (all optional; defaults in brackets):
   own, which differ on ImageNet-30 only (IOMatch and OpenMatch: 102,400 iterations,
   weight decay 3e-4, unlabeled ratio 2, against GGR-IOMatch's 204,800, 5e-4, 3).
 * ``runlocal`` [False]: a smoke run of the same cell with tiny shapes (batch 2,
-  unlabeled ratio 2, 3 steps, evaluation on at most 64 test images, ImageNet-30 at
-  32x32, the small CNN in place of WRN/ResNet) that finishes in well under a minute on
+  unlabeled ratio 2, 3 steps, evaluation on at most 64 test images, ImageNet and
+  ImageNet-30 at 32x32, the small CNN in place of WRN/ResNet) that finishes in well under a minute on
   a CPU.
 
 The protocol of each data set (official configs, ``shared/reference/ggr_official.md``
@@ -31,9 +39,13 @@ section 6) is set here once: optimiser, weight decay, batch sizes, unlabeled rat
 iteration budget, epoch length, augmentation and backbone, and OpenMatch's
 official start of rectification (``ggr.start_step = openmatch.start_fix_steps``: the
 official GGR-OpenMatch sums the gradients before its FixMatch stage) and SOCR weight
-(1.0 on CIFAR-100, 0.5 elsewhere). All modes of one
-(algorithm, data set) share the hyperparameters of its GGR config, so a mode's delta over
-``sum`` isolates the rectifier. Any field can still be overridden after the string,
+(1.0 on CIFAR-100, 0.5 elsewhere). The closed-set cells follow FixMatch's protocol
+(WRN-28-2 on CIFAR-10, WRN-28-8 with weight decay 1e-3 on CIFAR-100, 2^20 steps, batch
+64 + 7 x 64; ImageNet: ResNet-50, batch 64 + 5 x 64, weight decay 3e-4, 256 -> 224
+crops) and give FixMatch the GGCR paper's base (hard pseudo-labels, the unlabeled
+weight ramped over 5,000 steps), so ``ggcr`` against ``fixmatch`` isolates ``L_g``.
+All modes of one (algorithm, data set) share the hyperparameters of its GGR config, so a
+mode's delta over ``sum`` isolates the rectifier. Any field can still be overridden after the string,
 e.g. ``--config.train.steps=5000``.
 
 Example:
@@ -42,6 +54,9 @@ Example:
   ('cifar10', 25, 'wrn28_2', 262144)
   >>> cfg.ggr.mode, cfg.ggr.subspace_dim, cfg.train.seed, cfg.train.uratio
   ('csr', 10, 2, 7)
+  >>> cfg = get_config("algorithm=ggcr,dataset=cifar10_closed,labels=4,gc_method=sketch")
+  >>> cfg.dataset.protocol, cfg.train.steps, cfg.ggcr.consistency.method
+  ('closed', 1048576, 'sketch')
 """
 
 from __future__ import annotations
@@ -51,10 +66,14 @@ import ml_collections
 from ggr_jax.configs import default
 
 KEYS = ("algorithm", "dataset", "labels", "seed", "ggr", "anchor", "scope", "baseline",
-        "runlocal")
-DATASETS = ("digits", "cifar10", "cifar100_50", "cifar100_20", "imagenet30")
+        "gc_method", "gc_weight", "gc_warmup", "gc_sketch", "runlocal")
+OPEN_SET = ("digits", "cifar10", "cifar100_50", "cifar100_20", "imagenet30")
+CLOSED_SET = ("digits_closed", "cifar10_closed", "cifar100_closed", "imagenet")
+DATASETS = OPEN_SET + CLOSED_SET
 MODES = ("sum", "vlr", "osr", "csr", "pcgrad_sym", "conflict_drop")
-ALGORITHMS = ("supervised", "fixmatch", "iomatch", "openmatch")
+ALGORITHMS = ("supervised", "fixmatch", "iomatch", "openmatch", "ggcr", "iomatch_ggcr",
+              "openmatch_ggcr")
+GC_METHODS = ("exact", "sketch", "vmap")
 EPOCH = 1024  # official iterations per epoch
 
 
@@ -98,6 +117,9 @@ def _boolean(cell: dict[str, str], key: str) -> bool:
 
 def _dataset_protocol(cfg: ml_collections.ConfigDict, dataset: str, labels: str) -> None:
   """The official data, model and schedule settings of ``dataset``."""
+  if dataset in CLOSED_SET:
+    cfg.dataset.protocol = "closed"
+    dataset = dataset.removesuffix("_closed")
   if dataset == "digits":
     cfg.dataset.labels_per_class = int(labels)
     return
@@ -115,30 +137,68 @@ def _dataset_protocol(cfg: ml_collections.ConfigDict, dataset: str, labels: str)
     # 7.6 GB of uint8 images stay in host memory; each step's batch is streamed.
     cfg.train.input = "stream"
     return
+  if dataset == "imagenet":
+    cfg.dataset.imagenet_subset = labels
+    cfg.model.update(backbone="resnet50", bn_momentum=0.1)
+    cfg.train.update(steps=300 * EPOCH, uratio=5, eval_batch_size=128, input="stream")
+    cfg.optim.weight_decay = 3e-4
+    cfg.augment.update(pad=0, crop=224)
+    return
   cfg.dataset.labels_per_class = int(labels)
   cfg.model.backbone = "wrn28_2"
   cfg.augment.pad = 4
+  if cfg.dataset.protocol == "closed":
+    cfg.train.steps = 2 ** 20
   if cfg.dataset.name == "cifar100":
-    cfg.dataset.num_id_classes = int(dataset.split("_")[1])
+    if cfg.dataset.protocol == "closed":
+      cfg.model.backbone = "wrn28_8"
+    else:
+      cfg.dataset.num_id_classes = int(dataset.split("_")[1])
     cfg.optim.weight_decay = 1e-3
 
 
 def _algorithm_protocol(cfg: ml_collections.ConfigDict, algorithm: str, dataset: str) -> None:
   cfg.algorithm = algorithm
-  if dataset == "digits":
+  block = cfg[algorithm]
+  if dataset in CLOSED_SET and algorithm == "fixmatch":  # GGCR's base, without L_g
+    cfg.fixmatch.update(hard_label=cfg.ggcr.hard_label,
+                        unsup_warmup_steps=cfg.ggcr.get_ref("unsup_warmup_steps"))
+  if dataset.startswith("digits"):
     return
-  cfg.iomatch.op_warmup_steps = EPOCH
-  cfg.openmatch.start_fix_steps = 10 * EPOCH
-  if algorithm == "openmatch":
+  for name in ALGORITHMS:  # IOMatch's open-set loss after an epoch, OpenMatch's stage 2
+    if "op_warmup_steps" in cfg[name]:
+      cfg[name].op_warmup_steps = EPOCH
+    if "start_fix_steps" in cfg[name]:
+      cfg[name].start_fix_steps = 10 * EPOCH
+  if "fix_uratio" in block:  # OpenMatch
     cfg.train.uratio = 2
-    cfg.openmatch.fix_uratio = 2
+    block.fix_uratio = 2
     if dataset.startswith("cifar100"):
-      cfg.openmatch.lambda_socr = 1.0
+      block.lambda_socr = 1.0
+
+
+def _consistency(cfg: ml_collections.ConfigDict, cell: dict[str, str], algorithm: str) -> None:
+  """The GGCR keys, refused for algorithms without gradient consistency."""
+  keys = [key for key in ("gc_method", "gc_weight", "gc_warmup", "gc_sketch") if key in cell]
+  if "consistency" not in cfg[algorithm]:
+    if keys:
+      raise ValueError(f"grid {', '.join(keys)} apply to the GGCR algorithms (ggcr, "
+                       f"iomatch_ggcr, openmatch_ggcr), not to algorithm={algorithm}.")
+    return
+  gc = cfg[algorithm].consistency
+  gc.method = _choice(cell, "gc_method", gc.method, GC_METHODS)
+  gc.warmup_steps = _integer(cell, "gc_warmup", gc.warmup_steps)
+  gc.sketch_dim = _integer(cell, "gc_sketch", gc.sketch_dim)
+  weight = cell.get("gc_weight", str(gc.weight))
+  try:
+    gc.weight = float(weight)
+  except ValueError:
+    raise ValueError(f"grid gc_weight={weight!r} must be a number (lambda).") from None
 
 
 def _official_baseline(cfg: ml_collections.ConfigDict, algorithm: str, dataset: str) -> None:
   """The official IOMatch/OpenMatch baseline configs' settings where they differ."""
-  if dataset == "imagenet30" and algorithm in ("iomatch", "openmatch"):
+  if dataset == "imagenet30" and algorithm in ("iomatch", "openmatch"):  # not their GGCR forms
     cfg.train.update(steps=100 * EPOCH, uratio=2)
     cfg.optim.weight_decay = 3e-4
 
@@ -150,8 +210,14 @@ def _runlocal(cfg: ml_collections.ConfigDict) -> None:
   cfg.dataset.update(max_test_images=64, image_size=32)
   if cfg.augment.crop:
     cfg.augment.crop = 28
-  cfg.openmatch.update(fix_uratio=1, start_fix_steps=2)
-  cfg.iomatch.op_warmup_steps = 1
+  for name in ALGORITHMS:
+    block = cfg[name]
+    if "fix_uratio" in block:
+      block.update(fix_uratio=1, start_fix_steps=2)
+    if "op_warmup_steps" in block:
+      block.op_warmup_steps = 1
+    if "consistency" in block:
+      block.consistency.warmup_steps = 1
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -159,11 +225,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cell = parse_cell(arg)
   algorithm = _choice(cell, "algorithm", "fixmatch", ALGORITHMS)
   dataset = _choice(cell, "dataset", "digits", DATASETS)
-  labels = cell.get("labels", "p1" if dataset == "imagenet30" else "5")
-  if dataset == "imagenet30":
-    _choice(cell, "labels", "p1", ("p1", "p5"))
+  fixed_lists = {"imagenet30": ("p1", "p5"), "imagenet": ("1pct", "10pct")}
+  if dataset in fixed_lists:
+    labels = _choice(cell, "labels", fixed_lists[dataset][0], fixed_lists[dataset])
   else:
-    _integer(cell, "labels", 5)
+    labels = str(_integer(cell, "labels", 4 if dataset in CLOSED_SET else 5))
 
   cfg = default.get_config()
   _dataset_protocol(cfg, dataset, labels)
@@ -173,10 +239,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.ggr.anchor = _choice(cell, "anchor", "joint", ("joint", "labeled"))
   scope = _choice(cell, "scope", "backbone", ("backbone", "all", "official"))
   if scope == "official":
-    scope = "all" if algorithm == "openmatch" else "backbone"
+    scope = "all" if algorithm.startswith("openmatch") else "backbone"
   cfg.ggr.scope = scope
-  if algorithm == "openmatch":
-    cfg.ggr.start_step = cfg.openmatch.get_ref("start_fix_steps")
+  if "start_fix_steps" in cfg[algorithm]:
+    cfg.ggr.start_step = cfg[algorithm].get_ref("start_fix_steps")
+  _consistency(cfg, cell, algorithm)
   if _choice(cell, "baseline", "shared", ("shared", "official")) == "official":
     if cfg.ggr.mode != "sum":
       raise ValueError("grid baseline=official sets the official baseline configs' "

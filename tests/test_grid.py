@@ -72,6 +72,30 @@ def test_every_paper_cell_is_a_valid_config_with_its_own_values():
     ("dataset=imagenet30,algorithm=iomatch,ggr=sum", "train.steps", 204800),
     ("dataset=imagenet30,algorithm=iomatch,ggr=sum", "optim.weight_decay", 5e-4),
     ("dataset=cifar10,algorithm=iomatch,ggr=sum,baseline=official", "train.steps", 262144),
+    # closed-set SSL and GGCR (issue 12)
+    ("dataset=digits_closed", "dataset.protocol", "closed"),
+    ("dataset=digits_closed", "dataset.labels_per_class", 4),
+    ("dataset=digits", "dataset.protocol", "openset"),
+    ("dataset=cifar10_closed,labels=400", "dataset.labels_per_class", 400),
+    ("dataset=cifar10_closed", "train.steps", 2 ** 20),
+    ("dataset=cifar10_closed", "model.backbone", "wrn28_2"),
+    ("dataset=cifar100_closed", "model.backbone", "wrn28_8"),
+    ("dataset=cifar100_closed", "optim.weight_decay", 1e-3),
+    ("dataset=imagenet", "dataset.imagenet_subset", "1pct"),
+    ("dataset=imagenet,labels=10pct", "dataset.imagenet_subset", "10pct"),
+    ("dataset=imagenet", "model.backbone", "resnet50"),
+    ("dataset=imagenet", "train.input", "stream"),
+    ("dataset=imagenet", "augment.crop", 224),
+    ("dataset=cifar10_closed,algorithm=fixmatch", "fixmatch.hard_label", True),
+    ("dataset=cifar10_closed,algorithm=fixmatch", "fixmatch.unsup_warmup_steps", 5000),
+    ("dataset=cifar10,algorithm=fixmatch", "fixmatch.hard_label", False),
+    ("algorithm=ggcr,gc_method=sketch,gc_sketch=16", "ggcr.consistency.sketch_dim", 16),
+    ("algorithm=ggcr,gc_weight=0.5", "ggcr.consistency.weight", 0.5),
+    ("algorithm=ggcr,gc_warmup=0", "ggcr.consistency.warmup_steps", 0),
+    ("algorithm=ggcr", "ggcr.consistency.method", "exact"),
+    ("dataset=cifar10,algorithm=openmatch_ggcr", "ggr.start_step", 10240),
+    ("dataset=cifar10,algorithm=openmatch_ggcr", "train.uratio", 2),
+    ("dataset=cifar10,algorithm=iomatch_ggcr", "iomatch_ggcr.op_warmup_steps", 1024),
 ])
 def test_each_dataset_gets_its_official_protocol(cell, field, value):
   cfg = grid.get_config(cell)
@@ -92,6 +116,10 @@ def test_each_dataset_gets_its_official_protocol(cell, field, value):
     ("algorithm=supervised,ggr=vlr", "no auxiliary loss"),
     ("scope=head", "choose one of backbone, all, official"),
     ("ggr=vlr,baseline=official", "only the sum baseline"),
+    ("dataset=imagenet,labels=4", "choose one of 1pct, 10pct"),
+    ("algorithm=fixmatch,gc_weight=0.1", "apply to the GGCR algorithms"),
+    ("algorithm=ggcr,gc_method=loop", "choose one of exact, sketch, vmap"),
+    ("algorithm=ggcr,gc_weight=big", "must be a number"),
 ])
 def test_bad_cells_name_the_key_and_the_choices(cell, message):
   with pytest.raises(ValueError, match=message):
@@ -126,6 +154,34 @@ def test_smoke_mode_runs_a_cifar_cell_on_mock_tfds_data(tmp_path, dataset, algor
     summary = _smoke(tmp_path, f"algorithm={algorithm},dataset={dataset},labels=3,ggr=vlr")
   k = 6 if dataset == "cifar10" else 20
   assert len(summary["closed_per_class_acc"]) == k
+
+
+def test_every_closed_set_ggcr_cell_is_a_valid_config():
+  for dataset, algorithm, mode in itertools.product(
+      grid.CLOSED_SET, ("supervised", "fixmatch", "ggcr"), ("sum", "vlr")):
+    if algorithm == "supervised" and mode != "sum":
+      continue
+    cfg = grid.get_config(f"algorithm={algorithm},dataset={dataset},ggr={mode}")
+    config_lib.validate(cfg, num_devices=1)
+    assert cfg.dataset.protocol == "closed"
+
+
+def _closed_smoke(tmp_path, cell):
+  cfg = grid.get_config(cell + ",runlocal=True")
+  summary = loop.Trainer(cfg, tmp_path / "run", progress=False, devices=jax.devices()[:1]).run()
+  assert summary["steps"] == 3 and summary["protocol"] == "closed"
+  assert 0.0 <= summary["closed_acc"] <= summary["top5_acc"] <= 1.0
+  return summary
+
+
+def test_smoke_mode_runs_a_closed_digits_ggcr_cell_with_the_rectifier(tmp_path):
+  _closed_smoke(tmp_path, "algorithm=ggcr,dataset=digits_closed,ggr=vlr")
+
+
+def test_smoke_mode_runs_a_closed_imagenet_cell_on_mock_tfds_data(tmp_path):
+  with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+    summary = _closed_smoke(tmp_path, "algorithm=fixmatch,dataset=imagenet,ggr=sum")
+  assert len(summary["closed_per_class_acc"]) == 1000
 
 
 def test_smoke_mode_runs_an_imagenet30_cell_on_a_local_tree(tmp_path):

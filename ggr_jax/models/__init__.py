@@ -6,7 +6,7 @@ from flax import linen as nn
 
 from ggr_jax.models.heads import OpenSetNet
 
-BACKBONES = ("cnn", "wrn28_2", "resnet18", "resnet18_official", "resnet50")
+BACKBONES = ("cnn", "wrn28_2", "wrn28_8", "resnet18", "resnet18_official", "resnet50")
 
 
 def build_model(backbone: str, num_classes: int, head: str = "none",
@@ -18,14 +18,15 @@ def build_model(backbone: str, num_classes: int, head: str = "none",
   0.1, PyTorch's default, for the ImageNet-30 ResNets). ``resnet18`` is the BasicBlock
   ResNet-18 (512 features), ``resnet18_official`` the official code's ``resnet18``
   (Bottleneck blocks, layers [2, 2, 2, 2], 2048 features), ``resnet50`` the standard
-  ResNet-50 (ImageNet with 1% labels).
+  ResNet-50 (ImageNet with 1% labels). ``wrn28_8`` is WRN-28-8, the closed-set
+  CIFAR-100 backbone of FixMatch.
   """
   if backbone == "cnn":
     from ggr_jax.models.cnn import SmallCNN  # pylint: disable=import-outside-toplevel
     net: nn.Module = SmallCNN(num_classes, bn_momentum=bn_momentum)
-  elif backbone == "wrn28_2":
+  elif backbone in ("wrn28_2", "wrn28_8"):
     from ggr_jax.models.wrn import WideResNet  # pylint: disable=import-outside-toplevel
-    net = WideResNet(num_classes, bn_momentum=bn_momentum)
+    net = WideResNet(num_classes, widen_factor=int(backbone[-1]), bn_momentum=bn_momentum)
   elif backbone in ("resnet18", "resnet18_official", "resnet50"):
     from ggr_jax.models import resnet  # pylint: disable=import-outside-toplevel
     net = getattr(resnet, backbone)(num_classes, bn_momentum=bn_momentum)
