@@ -32,7 +32,9 @@ import ml_collections
 ApplyFn = Callable[[Any, Any, jax.Array, bool], tuple[dict, Any]]
 ViewKind = str  # "weak" | "strong"
 
-PROTOCOLS = ("openset",)  # open-set SSL; closed-set SSL and category discovery come next
+# the data protocols (``dataset.protocol``): open-set SSL and closed-set SSL; category
+# discovery comes next
+PROTOCOLS = ("openset", "closed")
 OOD_SCORES = ("msp", "iomatch", "ova")  # see ggr_jax.evaluate.ood_score
 SOURCES = ("labeled", "unlabeled", "selected")
 
@@ -166,7 +168,7 @@ class Algorithm:
     epoch_hook: ``EpochContext -> new state or None``, run on the host at every epoch
       boundary (``step % train.steps_per_epoch == 0``) before the step.
     ood_score: how evaluation scores "unknown" (see ``ggr_jax.evaluate.ood_score``).
-    protocol: the data protocol it trains on (:data:`PROTOCOLS`).
+    protocols: the data protocols it trains on (of :data:`PROTOCOLS`).
     validate: ``(cfg, fail) -> None``; ``fail(field, value, allowed)`` reports a bad
       field of the block (``field`` relative to the block).
     view_pair: the weak and strong view of the same unlabeled images, if it has them
@@ -185,7 +187,7 @@ class Algorithm:
   source_mask: Callable[[Any], jax.Array] | None = None
   epoch_hook: Callable[[EpochContext], Any] | None = None
   ood_score: str = "msp"
-  protocol: str = "openset"
+  protocols: tuple[str, ...] = PROTOCOLS
   validate: Callable[[ml_collections.ConfigDict, Callable], None] | None = None
   view_pair: ViewPair | None = None
 
@@ -213,8 +215,9 @@ class Algorithm:
                          "not exist, or a pair outside its forward.")
     if self.ood_score not in OOD_SCORES:
       raise ValueError(f"algorithm {self.name!r}: ood_score must be one of {OOD_SCORES}.")
-    if self.protocol not in PROTOCOLS:
-      raise ValueError(f"algorithm {self.name!r}: protocol must be one of {PROTOCOLS}.")
+    if not self.protocols or set(self.protocols) - set(PROTOCOLS):
+      raise ValueError(f"algorithm {self.name!r}: protocols must be a non-empty tuple of "
+                       f"{PROTOCOLS}, got {self.protocols!r}.")
 
   def sizes(self, train: ml_collections.ConfigDict,
             cfg: ml_collections.ConfigDict) -> dict[str, int]:

@@ -12,11 +12,12 @@ from ggr_jax import ssl
 from ggr_jax.data import imagenet_subset
 from ggr_jax.evaluate import THRESHOLD_RULES
 from ggr_jax.models import BACKBONES
+from ggr_jax.ssl.interface import PROTOCOLS
 from ggr_jax.train import optim, step as step_lib
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet30", "imagenet")
-PROTOCOLS = ("openset", "closed")
-# the protocols each data set has (ImageNet-30 is open-set, ImageNet's 1%/10% closed)
+# the protocols (ggr_jax.ssl.interface.PROTOCOLS) each data set has (ImageNet-30 is
+# open-set, ImageNet's 1%/10% closed)
 DATASET_PROTOCOLS = {"digits": PROTOCOLS, "cifar10": PROTOCOLS, "cifar100": PROTOCOLS,
                      "imagenet30": ("openset",), "imagenet": ("closed",)}
 ANCHORS = ("joint", "labeled")
@@ -70,6 +71,10 @@ def _dataset(cfg: ml_collections.ConfigDict) -> None:
   if cfg.dataset.protocol not in DATASET_PROTOCOLS[name]:
     _fail("dataset.protocol", cfg.dataset.protocol,
           f"dataset {name!r} has the protocol {DATASET_PROTOCOLS[name][0]!r} only")
+  algorithm = ssl.get(cfg.algorithm)
+  if cfg.dataset.protocol not in algorithm.protocols:
+    _fail("dataset.protocol", cfg.dataset.protocol,
+          f"algorithm {algorithm.name!r} trains on {', '.join(algorithm.protocols)}")
   if name not in ("imagenet30", "imagenet"):  # their labeled sets come from fixed lists
     _positive_int(cfg, "dataset.labels_per_class")
   if name == "cifar100" and cfg.dataset.num_id_classes not in range(5, 100, 5):
