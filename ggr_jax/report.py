@@ -3,7 +3,7 @@
 Writes into the root:
 
 - ``results.csv``: one row per run (cell, algorithm, dataset, labels, mode, seed,
-  closed_acc, open_bacc, auroc, the official figures (``official_*``, see
+  closed_acc, open_bacc, auroc, top5_acc (closed-set runs), the official figures (``official_*``, see
   :func:`ggr_jax.train.loop.official_figures`), wall_s, steps, then any config field that tells runs of
   the same group apart, e.g. ``ggr.alpha`` in an alpha ablation).
 - ``results.md``: one row per (dataset, labels, algorithm, setting, mode): mean ± sample
@@ -38,7 +38,10 @@ from ggr_jax import rundir, ssl
 from ggr_jax.rectify import MODES
 from ggr_jax.train.metrics_log import read
 
-METRICS = {"closed_acc": "closed acc", "open_bacc": "open bal. acc", "auroc": "AUROC"}
+# open-set runs report the first three, closed-set runs (dataset shown as <name>_closed)
+# the closed accuracy and top-5; a table or figure shows the metrics some run has
+METRICS = {"closed_acc": "closed acc", "open_bacc": "open bal. acc", "auroc": "AUROC",
+           "top5_acc": "top-5 acc"}
 OFFICIAL = {"official_closed_acc": "closed acc (official)",
             "official_open_bacc": "open bal. acc (official)", "official_auroc": "AUROC (official)"}
 BASELINE = "sum"
@@ -46,7 +49,7 @@ KEY_FIELDS = ("algorithm", "dataset.name", "dataset.labels_per_class", "ggr.mode
 # Fields that never tell two runs apart: those a resume may change.
 IGNORED = rundir.RESUMABLE_CHANGES
 CSV_FIELDS = ("cell", "algorithm", "dataset", "labels", "mode", "seed", "closed_acc",
-              "open_bacc", "auroc", *OFFICIAL, "wall_s", "steps")
+              "open_bacc", "auroc", "top5_acc", *OFFICIAL, "wall_s", "steps")
 
 
 @dataclasses.dataclass
@@ -65,6 +68,7 @@ class Run:
   steps: int
   workdir: pathlib.Path
   config: dict[str, Any]
+  top5_acc: float = float("nan")
   official_closed_acc: float = float("nan")
   official_open_bacc: float = float("nan")
   official_auroc: float = float("nan")
@@ -93,7 +97,9 @@ def collect(root: str | pathlib.Path) -> list[Run]:
     cfg = _own_blocks(s.get("config", {}))
     runs.append(Run(
         cell=str(path.parent.relative_to(root)), algorithm=cfg.get("algorithm", s.get("algorithm")),
-        dataset=cfg.get("dataset.name", "?"), labels=cfg.get("dataset.labels_per_class"),
+        dataset=cfg.get("dataset.name", "?") + (
+            "_closed" if cfg.get("dataset.protocol") == "closed" else ""),
+        labels=cfg.get("dataset.labels_per_class"), top5_acc=_float(s.get("top5_acc")),
         mode=cfg.get("ggr.mode", s.get("ggr_mode")), seed=cfg.get("train.seed", s.get("seed")),
         closed_acc=_float(s.get("closed_acc")), open_bacc=_float(s.get("open_bacc")),
         auroc=_float(s.get("auroc")), wall_s=_float(s.get("wall_s")), steps=s.get("steps"),
@@ -201,12 +207,19 @@ def _pct(mean: float, std: float, sign: str = "") -> str:
   return text + (f" ± {100 * std:.2f}" if math.isfinite(std) else "")
 
 
+def _shown(groups: list[dict[str, Any]]) -> dict[str, str]:
+  """The metrics some group has (closed-set runs have no open-set metrics)."""
+  return {m: name for m, name in METRICS.items()
+          if any(math.isfinite(g.get(f"{m}_mean", math.nan)) for g in groups)} or METRICS
+
+
 def write_markdown(groups: list[dict[str, Any]], path: pathlib.Path, root: pathlib.Path,
                    figures: list[pathlib.Path]) -> pathlib.Path:
   with_setting = any(g["setting"] for g in groups)
+  metrics = _shown(groups)
   official = [m for m in OFFICIAL if any(math.isfinite(g[f"{m}_mean"]) for g in groups)]
   head = ["dataset", "labels", "algorithm", *(["setting"] if with_setting else []), "mode", "n",
-          *METRICS.values(), *(f"Δ {name}" for name in METRICS.values()),
+          *metrics.values(), *(f"Δ {name}" for name in metrics.values()),
           *(OFFICIAL[m] for m in official)]
   lines = [f"# Results of {root}", "",
            f"{sum(g['n'] for g in groups)} runs. Mean ± sample std (ddof=1) over seeds, in %. "
@@ -220,13 +233,13 @@ def write_markdown(groups: list[dict[str, Any]], path: pathlib.Path, root: pathl
   for g in groups:
     cells = [g["dataset"], str(g["labels"]), g["algorithm"],
              *([g["setting"]] if with_setting else []), g["label"], str(g["n"])]
-    cells += [_pct(g[f"{m}_mean"], g[f"{m}_std"]) for m in METRICS]
+    cells += [_pct(g[f"{m}_mean"], g[f"{m}_std"]) for m in metrics]
     if g["mode"] == BASELINE:
-      cells += ["baseline"] * len(METRICS)
+      cells += ["baseline"] * len(metrics)
     elif g["baseline"] is None:
-      cells += ["no baseline"] * len(METRICS)
+      cells += ["no baseline"] * len(metrics)
     else:
-      cells += [_pct(g[f"delta_{m}"], g[f"delta_{m}_std"], "+") for m in METRICS]
+      cells += [_pct(g[f"delta_{m}"], g[f"delta_{m}_std"], "+") for m in metrics]
     cells += [_pct(g[f"{m}_mean"], g[f"{m}_std"]) for m in official]
     lines.append("| " + " | ".join(cells) + " |")
   lines += [""] + [f"![{p.stem}]({p.name})" for p in figures]
@@ -245,14 +258,15 @@ def plot_accuracy_by_mode(groups: list[dict[str, Any]], path: pathlib.Path) -> p
   """Bars per mode grouped by algorithm; one row of panels per (dataset, labels, setting)."""
   plt = _pyplot()
   contexts = list(dict.fromkeys((g["dataset"], str(g["labels"]), g["setting"]) for g in groups))
-  fig, axes = plt.subplots(len(contexts), len(METRICS), squeeze=False,
-                           figsize=(4.2 * len(METRICS), 3.2 * len(contexts)))
+  metrics = _shown(groups)
+  fig, axes = plt.subplots(len(contexts), len(metrics), squeeze=False,
+                           figsize=(4.2 * len(metrics), 3.2 * len(contexts)))
   for row, context in zip(axes, contexts):
     members = [g for g in groups if (g["dataset"], str(g["labels"]), g["setting"]) == context]
     algorithms = list(dict.fromkeys(g["algorithm"] for g in members))
     labels = list(dict.fromkeys(g["label"] for g in members))
     width = 0.8 / len(labels)
-    for ax, (metric, title) in zip(row, METRICS.items()):
+    for ax, (metric, title) in zip(row, metrics.items()):
       for k, label in enumerate(labels):
         found = {g["algorithm"]: g for g in members if g["label"] == label}
         xs = [i for i, a in enumerate(algorithms) if a in found]

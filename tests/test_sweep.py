@@ -237,6 +237,22 @@ def test_report_separates_runs_that_differ_in_a_config_field(tmp_path):
   assert all(g["n"] == 2 for g in groups)
 
 
+def test_a_closed_set_report_shows_top5_and_no_open_set_columns(tmp_path):
+  for seed in (0, 1):
+    for mode, acc in (("sum", 0.80), ("vlr", 0.84)):
+      _fake_run(tmp_path, f"{mode}-s{seed}", "fixmatch", mode, seed, (acc + seed / 100, None, None),
+                **{"dataset.protocol": "closed"})
+      summary = json.loads((tmp_path / f"{mode}-s{seed}" / "summary.json").read_text())
+      summary["top5_acc"] = acc + 0.1
+      (tmp_path / f"{mode}-s{seed}" / "summary.json").write_text(json.dumps(summary))
+  paths = report.write_report(tmp_path)
+  md = paths["markdown"].read_text()
+  assert "top-5 acc" in md and "AUROC" not in md and "open bal. acc" not in md
+  vlr = next(line for line in md.splitlines() if "| vlr |" in line)
+  assert vlr == ("| digits_closed | 5 | fixmatch | vlr | 2 | 84.50 ± 0.71 | 94.00 ± 0.00 "
+                 "| +4.00 ± 0.00 | +4.00 ± 0.00 |")
+
+
 def test_report_of_an_empty_root_says_what_to_run(tmp_path):
   with pytest.raises(ValueError, match="no summary.json under .*ggr-jax sweep SPEC"):
     report.write_report(tmp_path)
