@@ -11,8 +11,10 @@ three ways to the same numbers, each differentiable, so that ``jax.grad`` of a l
 on them (GGCR's ``1 - cos``) carries the second-order term through the per-sample
 gradients:
 
-* ``"vmap"``: the reference definition. Every per-sample gradient is materialised
-  (one vmapped VJP per row, ``microbatch`` rows at a time): ``2B x P`` memory.
+* ``"vmap"``: the reference definition. Every per-sample gradient is materialised:
+  ``jax.vmap(jax.grad(...))`` of a one-sample loss function (``sample_fn``, normalised
+  with the batch's statistics replayed) or, for any batch function, one vmapped VJP per
+  row of the batch Jacobian; ``microbatch`` at a time, ``2B x P`` memory.
 * ``"exact"``: no per-sample gradient is materialised. A layer's per-sample gradient
   is a sum of outer products of its inputs ``a`` and output cotangents ``d`` over
   positions ``p``, ``G_i = sum_p a_ip d_ip^T``, so ``<G^w_i, G^s_i> =
@@ -55,6 +57,7 @@ from ggr_jax import layer_geometry, per_sample
 
 PyTree = Any
 LossesFn = Callable[[PyTree], tuple[jax.Array, jax.Array]]
+SampleFn = Callable[[PyTree, PyTree], tuple[jax.Array, jax.Array]]
 METHODS = ("exact", "vmap", "sketch")
 
 
@@ -96,11 +99,52 @@ def frozen_batch_statistics():
     yield
 
 
+def recorded_batch_statistics(fn: Callable[..., Any], *args, **kwargs
+                              ) -> tuple[Any, dict[tuple, Any]]:
+  """``fn(*args, **kwargs)`` and the batch statistics its normalisation layers computed,
+  keyed by ``(module path, call number)``, for :func:`replayed_batch_statistics`."""
+  stats: dict[tuple, Any] = {}
+
+  def record(next_fun, args_, kwargs_, context):
+    out = next_fun(*args_, **kwargs_)
+    if context.method_name == "batch_statistics" and _is_normalization(context.module):
+      path = tuple(context.module.path)
+      stats[(path, sum(k[0] == path for k in stats))] = out
+    return out
+
+  with nn.intercept_methods(record):
+    out = fn(*args, **kwargs)
+  return out, stats
+
+
+@contextlib.contextmanager
+def replayed_batch_statistics(stats: dict[tuple, Any]):
+  """Inside, normalisation layers use ``stats`` (from :func:`recorded_batch_statistics`,
+  without gradient) in place of their own batch's statistics, so that a forward of one
+  sample normalises it exactly as the recorded batch forward did."""
+  calls: dict[tuple, int] = {}
+
+  def replay(next_fun, args, kwargs, context):
+    if context.method_name != "batch_statistics" or not _is_normalization(context.module):
+      return next_fun(*args, **kwargs)
+    path = tuple(context.module.path)
+    number = calls.get(path, 0)
+    calls[path] = number + 1
+    if (path, number) not in stats:
+      raise ValueError(f"replayed batch statistics: {'/'.join(path)} call {number} was not "
+                       "recorded; record the same forward that is replayed.")
+    return jax.tree.map(jax.lax.stop_gradient, stats[(path, number)])
+
+  with nn.intercept_methods(replay):
+    yield
+
+
 def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
                   scope: PyTree | Callable[[PyTree], PyTree] | None = None,
                   view_rows: tuple[jax.Array, jax.Array] | None = None,
                   microbatch: int | None = None, key: jax.Array | None = None,
-                  sketch_dim: int = 64) -> ViewGeometry:
+                  sketch_dim: int = 64, sample_fn: SampleFn | None = None,
+                  samples: PyTree = None) -> ViewGeometry:
   """:class:`ViewGeometry` of the two views' per-sample gradients over ``scope``.
 
   Args:
@@ -114,9 +158,17 @@ def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
       sample in the layers' batch (``(B,)`` int arrays; default: the batch is
       ``[weak views; strong views]``). Other rows (e.g. labeled images sharing the
       forward) are ignored.
-    microbatch: ``"vmap"`` only: rows per vmapped VJP (must divide ``2B``).
+    microbatch: ``"vmap"`` only: samples (with ``sample_fn``) or rows (without) per
+      vmapped step (must divide their number).
     key: ``"sketch"`` only: the PRNG key of the random directions.
     sketch_dim: ``"sketch"`` only: the number ``k`` of random directions.
+    sample_fn: ``"vmap"`` only: ``(params, sample) -> (loss_w, loss_s)``, the two scalar
+      losses of ONE sample, normalised as in the batch forward (e.g. under
+      :func:`replayed_batch_statistics`); with it the per-sample gradients are
+      ``jax.vmap(jax.grad(...))`` over ``samples`` (a pytree with a leading sample
+      axis): the reference definition at the cost of one batch backward. Without it,
+      each gradient is a row of the batch Jacobian of ``losses_fn`` (a backward pass
+      of the whole batch per row: any function, quadratic in the batch size).
 
   Example:
     >>> import jax.numpy as jnp
@@ -143,6 +195,8 @@ def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
     with frozen_batch_statistics():
       return losses_fn(p)
 
+  if method == "vmap" and sample_fn is not None:
+    return _by_samples(sample_fn, params, mask, samples, microbatch)
   if method == "vmap":
     return _by_rows(frozen, params, mask, microbatch)
   if method == "sketch":
@@ -180,6 +234,25 @@ def _by_rows(losses_fn: LossesFn, params: PyTree, mask: PyTree,
   g_w, g_s = jnp.split(flat, 2)
   return ViewGeometry(dot=jnp.sum(g_w * g_s, 1), sq_w=jnp.sum(g_w * g_w, 1),
                       sq_s=jnp.sum(g_s * g_s, 1))
+
+
+def _by_samples(sample_fn: SampleFn, params: PyTree, mask: PyTree, samples: PyTree,
+                microbatch: int | None) -> ViewGeometry:
+  def one(sample):
+    g_w = jax.grad(lambda p: sample_fn(p, sample)[0])(params)
+    g_s = jax.grad(lambda p: sample_fn(p, sample)[1])(params)
+    pairs = list(zip(_masked(g_w, mask), _masked(g_s, mask)))
+    return (sum(jnp.vdot(a, b) for a, b in pairs), sum(jnp.vdot(a, a) for a, _ in pairs),
+            sum(jnp.vdot(b, b) for _, b in pairs))
+
+  count = jax.tree.leaves(samples)[0].shape[0]
+  if not microbatch or microbatch >= count:
+    return ViewGeometry(*jax.vmap(one)(samples))
+  if count % microbatch:
+    raise ValueError(f"microbatch={microbatch} must divide the {count} samples.")
+  chunks = jax.tree.map(lambda a: a.reshape(count // microbatch, microbatch, *a.shape[1:]),
+                        samples)
+  return ViewGeometry(*(v.reshape(count) for v in jax.lax.map(jax.vmap(one), chunks)))
 
 
 def _by_sketch(losses_fn: LossesFn, params: PyTree, mask: PyTree, key: jax.Array,

@@ -38,6 +38,28 @@ def _problem(name, dtype):
   return losses, params, rows
 
 
+def _one_sample_problem(name, dtype):
+  """The same losses as ``_problem``, one sample at a time with the batch statistics replayed."""
+  backbone, side, channels, n_lb, n = MODELS[name]
+  losses, params, rows = _problem(name, dtype)
+  model = build_model(backbone, 6, "none")
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, side, side, channels)), train=False)
+  stats, apply_fn = variables["batch_stats"], make_apply_fn(model)
+  x = jax.random.normal(jax.random.PRNGKey(1), (n_lb + 2 * n, side, side, channels), dtype)
+  x = x.at[n_lb + n:].multiply(1.5)
+  (out, _), recorded = consistency.recorded_batch_statistics(apply_fn, params, stats, x, True)
+  yhat = jnp.argmax(out["logits"][rows[0]], -1)
+  ce = optax.softmax_cross_entropy_with_integer_labels
+
+  def sample_fn(p, sample):
+    x_w, x_s, label = sample
+    with consistency.replayed_batch_statistics(recorded):
+      logits = apply_fn(p, stats, jnp.stack([x_w, x_s]), True)[0]["logits"]
+    return ce(logits[0], label), ce(logits[1], label)
+
+  return losses, params, rows, sample_fn, (x[rows[0]], x[rows[1]], yhat)
+
+
 @pytest.fixture(params=["float32", "float64"])
 def dtype(request):
   if request.param == "float64":
@@ -61,6 +83,28 @@ def test_exact_equals_the_vmap_definition(name, dtype):
   assert np.all(np.abs(ref.cos) <= 1.0) and np.ptp(np.asarray(ref.cos)) > 0
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_vmap_of_one_sample_gradients_with_replayed_statistics_equals_exact(name, dtype):
+  losses, params, rows, sample_fn, samples = _one_sample_problem(name, dtype)
+  exact = jax.jit(lambda p: consistency.view_geometry(losses, p, scope=encoder_scope,
+                                                      view_rows=rows))(params)
+  per_sample = jax.jit(lambda p: consistency.view_geometry(
+      losses, p, scope=encoder_scope, method="vmap", sample_fn=sample_fn, samples=samples,
+      microbatch=2))(params)
+  rtol = 1e-4 if dtype == jnp.float32 else 1e-10
+  for field in ("dot", "sq_w", "sq_s"):
+    np.testing.assert_allclose(getattr(per_sample, field), getattr(exact, field), rtol=rtol)
+
+
+def test_replaying_statistics_of_another_forward_is_refused():
+  model = build_model("cnn", 6, "none")
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)), train=False)
+  apply_fn = make_apply_fn(model)
+  with pytest.raises(ValueError, match="was not recorded"):
+    with consistency.replayed_batch_statistics({}):
+      apply_fn(variables["params"], variables["batch_stats"], jnp.zeros((2, 8, 8, 1)), True)
+
+
 def test_second_order_gradients_agree_between_exact_and_vmap(dtype):
   losses, params, rows = _problem("cnn", dtype)
 
@@ -71,9 +115,12 @@ def test_second_order_gradients_agree_between_exact_and_vmap(dtype):
     return jax.jit(jax.grad(objective))(params)
 
   exact, ref = grad("exact", view_rows=rows), grad("vmap", microbatch=4)
+  _, _, _, sample_fn, samples = _one_sample_problem("cnn", dtype)
+  one = grad("vmap", sample_fn=sample_fn, samples=samples)
   rtol = 1e-3 if dtype == jnp.float32 else 1e-9
   flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
   np.testing.assert_allclose(flat(exact), flat(ref), rtol=rtol, atol=rtol * np.abs(flat(ref)).max())
+  np.testing.assert_allclose(flat(one), flat(ref), rtol=rtol, atol=rtol * np.abs(flat(ref)).max())
   assert np.abs(flat(ref)).max() > 0  # the regulariser has a gradient only through 2nd order
 
 

@@ -129,13 +129,15 @@ def test_ggcr_reproduces_the_golden_values(golden, method):
   params = _params(ref)
   ctx = _context(ref, params, "mask", 1.0)
   cand = {}
-  losses_fn, rows, probs = ggcr.pair_losses(ctx, ssl.get("ggcr").view_pair)
+  pair = ggcr.pair_losses(ctx, ssl.get("ggcr").view_pair)
+  losses_fn, rows, probs = pair.losses_fn, pair.rows, pair.probs
   cand["fwd/q_w"], cand["fwd/maxprob"] = probs, jnp.max(probs, -1)
   cand["yhat"] = np.asarray(jnp.argmax(probs, -1)).astype(np.int64)
   cand["mask"] = np.asarray(jnp.max(probs, -1) > float(ref["cfg/tau"])).astype(np.uint8)
   cand["ps/loss_w"], cand["ps/loss_s"] = losses_fn(params)
   geometry = consistency.view_geometry(losses_fn, params, method=method,
-                                       scope=ggcr.encoder_scope, view_rows=rows)
+                                       scope=ggcr.encoder_scope, view_rows=rows,
+                                       sample_fn=pair.sample_fn, samples=pair.samples)
   cand["ps/dot"], cand["ps/cos"] = geometry.dot, geometry.cos
   cand["ps/norm_w"], cand["ps/norm_s"] = jnp.sqrt(geometry.sq_w), jnp.sqrt(geometry.sq_s)
   rows_tree = per_sample.jacobian_rows(lambda p: jnp.concatenate(losses_fn(p)), params)

@@ -25,7 +25,7 @@ linearly over 5,000 steps, the paper's method), ``iomatch_ggcr`` and ``openmatch
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,13 +65,22 @@ def _scope(name: str):
   return None
 
 
-def pair_losses(ctx: LossContext, pair: ViewPair):
+class PairLosses(NamedTuple):
+  """What :func:`pair_losses` gives :func:`ggr_jax.consistency.view_geometry`."""
+
+  losses_fn: Callable  # params -> (CE(weak, yhat), CE(strong, yhat)), (B,) each
+  rows: tuple[jax.Array, jax.Array]  # the two views' rows in that forward
+  probs: jax.Array  # the weak view's probabilities (no gradient); yhat is their argmax
+  sample_fn: Callable  # (params, (x_w, x_s, yhat)) -> the two losses of one sample
+  samples: tuple[jax.Array, jax.Array, jax.Array]  # (x_w, x_s, yhat), one row per sample
+
+
+def pair_losses(ctx: LossContext, pair: ViewPair) -> PairLosses:
   """The per-sample losses GGCR differentiates, and the pseudo-labels they use.
 
-  Returns ``(losses_fn, (rows_w, rows_s), probs)``: ``losses_fn(params) -> (CE(weak_u,
-  yhat_u), CE(strong_u, yhat_u))`` over one train-mode forward of ``pair.forward``,
-  the rows of the two views in that forward, and the weak view's probabilities
-  (no gradient) whose argmax is ``yhat``.
+  ``losses_fn`` is one train-mode forward of the views ``pair.forward``; ``sample_fn``
+  is the forward of one sample's two views alone, normalised with the batch statistics
+  of that joint forward (replayed), so that both give the same per-sample losses.
   """
   batch = ctx.batch
   parts = [batch[name] for name in pair.forward]
@@ -80,16 +89,24 @@ def pair_losses(ctx: LossContext, pair: ViewPair):
   rows_w = starts[pair.forward.index(pair.weak)] + jnp.arange(size)
   rows_s = starts[pair.forward.index(pair.strong)] + jnp.arange(size)
   x = jnp.concatenate(parts)
-  logits = ctx.apply_fn(jax.lax.stop_gradient(ctx.params), ctx.model_state, x, True)[0]["logits"]
-  probs = jax.nn.softmax(jax.lax.stop_gradient(logits[rows_w]))
+  (outputs, _), stats = consistency.recorded_batch_statistics(
+      ctx.apply_fn, jax.lax.stop_gradient(ctx.params), ctx.model_state, x, True)
+  probs = jax.nn.softmax(jax.lax.stop_gradient(outputs["logits"][rows_w]))
   yhat = jnp.argmax(probs, axis=-1)
+  ce = optax.softmax_cross_entropy_with_integer_labels
 
   def losses_fn(params):
     out = ctx.apply_fn(params, ctx.model_state, x, True)[0]["logits"]
-    ce = optax.softmax_cross_entropy_with_integer_labels
     return ce(out[rows_w], yhat), ce(out[rows_s], yhat)
 
-  return losses_fn, (rows_w, rows_s), probs
+  def sample_fn(params, sample):
+    x_w, x_s, label = sample
+    with consistency.replayed_batch_statistics(stats):
+      out = ctx.apply_fn(params, ctx.model_state, jnp.stack([x_w, x_s]), True)[0]["logits"]
+    return ce(out[0], label), ce(out[1], label)
+
+  return PairLosses(losses_fn, (rows_w, rows_s), probs, sample_fn,
+                    (batch[pair.weak], batch[pair.strong], yhat))
 
 
 def scope_of(cfg: ml_collections.ConfigDict, params: Any):
@@ -105,13 +122,13 @@ def scope_of(cfg: ml_collections.ConfigDict, params: Any):
 def gradient_consistency(ctx: LossContext, pair: ViewPair, cfg: ml_collections.ConfigDict
                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(terms, GC, confident)``, each ``(B,)``: ``terms = m_u (1 - GC(u)) / |B_u|``."""
-  losses_fn, rows, probs = pair_losses(ctx, pair)
-  confident = jnp.max(probs, axis=-1) > cfg.tau
+  pl = pair_losses(ctx, pair)
+  confident = jnp.max(pl.probs, axis=-1) > cfg.tau
   key = jax.random.fold_in(ctx.rng, 17) if ctx.rng is not None else jax.random.PRNGKey(0)
   gc = consistency.view_geometry(
-      losses_fn, ctx.params, method=cfg.method, scope=scope_of(cfg, ctx.params),
-      view_rows=rows, microbatch=cfg.microbatch or None, key=key,
-      sketch_dim=cfg.sketch_dim).cos
+      pl.losses_fn, ctx.params, method=cfg.method, scope=scope_of(cfg, ctx.params),
+      view_rows=pl.rows, microbatch=cfg.microbatch or None, key=key,
+      sketch_dim=cfg.sketch_dim, sample_fn=pl.sample_fn, samples=pl.samples).cos
   weight = confident.astype(gc.dtype) if cfg.mask == "confident" else jnp.ones_like(gc)
   return weight * (1.0 - gc) / gc.shape[0], gc, confident
 
