@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -293,3 +294,17 @@ def test_sweep_trains_then_skips_done_cells_and_resumes_an_interrupted_one(
   resumed = json.loads(summaries[1].read_text())
   assert resumed["resumed_from"] == 2 and resumed["steps"] == 4
   assert summaries[0].stat().st_mtime_ns == mtimes[0]
+
+
+@pytest.mark.parametrize("spec", ["experiments/sweeps/digits_closed_ggcr.py",
+                                  "experiments/sweeps/ggcr_paper.py"])
+def test_the_ggcr_experiment_specs_are_valid_configs(spec):
+  from ggr_jax.sweep import spec as spec_lib  # pylint: disable=import-outside-toplevel
+  from ggr_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  root = pathlib.Path(__file__).resolve().parents[1]
+  cells = spec_lib.load_spec(str(root / spec))
+  assert len({c.name for c in cells}) == len(cells) >= 15
+  for cell in cells:
+    cfg = spec_lib.resolve_config(cell)
+    config_lib.validate(cfg, num_devices=1)
+    assert cfg.dataset.protocol == "closed"
