@@ -1,12 +1,14 @@
 """GGCR on the closed-set digits (all ten digits, 4 labels each: the analogue of CIFAR-10
-with 40 labels), six variants x five seeds.
+with 40 labels), six variants (and a control) x five seeds.
 
 ``ggr-jax sweep experiments/sweeps/digits_closed_ggcr.py --root runs/digits_closed_ggcr``
 
 Variants: supervised; FixMatch; GGCR (fast exact); GGCR (sketch, k = 64); FixMatch +
 GGR (vlr); GGCR + GGR (vlr). FixMatch is GGCR's base (the ``grid``'s closed-set cells:
 hard pseudo-labels and the same ramp of the unlabeled weight), so GGCR minus FixMatch
-is the effect of ``L_g``.
+is the effect of ``L_g``. A seventh row, ``fixmatch_gc_monitor`` (GGCR with lambda 0),
+trains exactly as FixMatch and logs the gradient consistency it never optimises, the
+control for GGCR's logged ``GC``.
 
 The digits protocol of ``digits_ablation``, shortened for 2 CPU cores: ``STEPS`` steps
 (cosine over them), batch 16 labeled + 48 unlabeled (``uratio`` 3), EMA decay 0.99,
@@ -31,6 +33,8 @@ VARIANTS = [  # (name, grid cell)
     ("ggcr_sketch64", "algorithm=ggcr,ggr=sum,gc_method=sketch,gc_sketch=64"),
     ("fixmatch_vlr", "algorithm=fixmatch,ggr=vlr"),
     ("ggcr_exact_vlr", "algorithm=ggcr,ggr=vlr,gc_method=exact"),
+    # a control: FixMatch's training (lambda 0) with the cosines measured and logged
+    ("fixmatch_gc_monitor", "algorithm=ggcr,ggr=sum,gc_method=exact,gc_weight=0"),
 ]
 
 
