@@ -4,7 +4,7 @@ This folder is the top-level ``configs/`` of the repository, installed as the pa
 ``ggr_jax.configs``. Variants inherit from :mod:`default` by import
 (``from ggr_jax.configs import default``). ``ggr-jax train --config X`` takes a
 packaged name (``default``, ``fixmatch_ggr``, ``sum``, ``supervised``, ``iomatch``,
-``openmatch``, ``grid``), a path to a ``get_config()`` file (``configs/sum.py`` from a
+``openmatch``, ``ggcr``, ``grid``), a path to a ``get_config()`` file (``configs/sum.py`` from a
 checkout, or your own), each optionally followed by ``:ARG`` for ``get_config(ARG)``.
 """
 

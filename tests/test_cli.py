@@ -95,3 +95,13 @@ def test_a_config_resolves_alike_from_the_checkout_path_and_by_name(monkeypatch)
   by_name = configs.load(["--config", "fixmatch_ggr", "--config.train.seed=3"])
   assert by_path.to_dict() == by_name.to_dict() and by_name.train.seed == 3
   assert configs.CONFIG_DIR == REPO / "configs"  # the installed package is the top-level folder
+
+
+def test_every_packaged_config_is_valid():
+  import importlib  # pylint: disable=import-outside-toplevel
+  from ggr_jax import configs  # pylint: disable=import-outside-toplevel
+  from ggr_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  assert "ggcr" in configs.names()
+  for name in configs.names():
+    config_lib.validate(importlib.import_module(f"ggr_jax.configs.{name}").get_config(),
+                        num_devices=1)
