@@ -344,8 +344,9 @@ def _next_state(state: RectifyState, results: list[rules.Block], basis_leaves: l
     return dot / jnp.maximum(jnp.sqrt(sq1) * jnp.sqrt(sq2), tiny)
 
   aux_sq = total("aux_sq")
-  kept = jnp.where(aux_sq > 0, jnp.sqrt(total("aux_sq_after")) / jnp.sqrt(
-      jnp.maximum(aux_sq, tiny)), 1.0)
+  # one division under the root: XLA may turn a / sqrt(b) into an inexact a * rsqrt(b)
+  kept = jnp.where(aux_sq > 0, jnp.sqrt(total("aux_sq_after") / jnp.maximum(aux_sq, tiny)),
+                   1.0)
   conflict = (jnp.mean(jnp.stack([r.conflict for r in results]).astype(jnp.float32))
               if results else jnp.zeros((), jnp.float32))
   basis, basis_size = state.basis, state.basis_size

@@ -171,6 +171,10 @@ def rectify_block(mode: str, g_s: Leaves, a: Leaves, basis: Leaves | None, weigh
     return [jnp.where(finite, n, o) for n, o in zip(new, old)]
 
   new_s, new_a = guard(new_s, g_s), guard(new_a, a)
+  if mode == "sum" and sample_dots is None:  # nothing moved: the same sums, bit for bit
+    return Block(sup=new_s, aux=new_a, dot_before=d, dot_after=d, sup_sq=s_sq, aux_sq=a_sq,
+                 sup_sq_after=s_sq, aux_sq_after=a_sq,
+                 conflict=jnp.where(finite, conflict, False).astype(jnp.float32))
   return Block(
       sup=new_s, aux=new_a, dot_before=d, dot_after=geometry.tree_vdot(new_a, new_s),
       sup_sq=s_sq, aux_sq=a_sq, sup_sq_after=geometry.tree_sq_norm(new_s),
