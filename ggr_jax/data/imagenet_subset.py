@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import threading
 from typing import Any
 
 import numpy as np
@@ -67,7 +66,6 @@ class _Records:
     self.source, self.image_size, self.centre_crop = source, image_size, centre_crop
     self.labels = np.full(len(source), -1, np.int64)
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=num_workers)
-    self._lock = threading.Lock()
 
   def read(self, rows: np.ndarray, images: bool = True) -> np.ndarray | None:
     """Decodes ``rows`` (caching their labels); returns their images when asked."""
