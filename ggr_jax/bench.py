@@ -9,7 +9,10 @@ Compilation is timed apart; then ``warmup`` steps, then ``steps`` steps each tim
 ``block_until_ready`` (median and 10/90th percentiles). The step function must not
 recompile inside the loop: its jit cache size is checked and reported. Peak device
 memory comes from ``Device.memory_stats()`` where the backend exposes it (GPU/TPU; CPU
-reports none).
+reports none). On every backend the compiled step's own accounting is reported beside
+it: XLA's flop and bytes-accessed counts (``cost_analysis``) and its buffer plan
+(``memory_analysis``: arguments + outputs + temporaries - donated aliases), an estimate
+of peak memory that a CPU can give for an accelerator-sized step without running it.
 
 ``sum_stream`` is the ``sum`` step fed by the host input pipeline (``train.input =
 "stream"``: uint8 batches gathered on the host and prefetched to device), so its ratio
@@ -126,8 +129,10 @@ def time_step(algorithm: str, work: Workload, variant: dict[str, Any], steps: in
   state = program.init_state()
   feed = program.feed(host, state, 0)
   step = program.train_step
+  batch = feed.next(0)
   start = time.perf_counter()
-  state, _ = step(state, feed.next(0))
+  xla = compiled_figures(step.lower(state, batch).compile())
+  state, _ = step(state, batch)
   jax.block_until_ready(state)
   compile_s = time.perf_counter() - start
   for i in range(warmup):
@@ -145,7 +150,19 @@ def time_step(algorithm: str, work: Workload, variant: dict[str, Any], steps: in
   return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
           "p90_ms": float(np.percentile(ms, 90)), "compile_s": compile_s,
           "compilations": step._cache_size(),  # pylint: disable=protected-access
-          "peak_bytes": stats.get("peak_bytes_in_use")}
+          "peak_bytes": stats.get("peak_bytes_in_use"), **xla}
+
+
+def compiled_figures(compiled) -> dict[str, float | None]:
+  """XLA's own figures of a compiled step: flops, bytes accessed, planned bytes."""
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
+  memory = compiled.memory_analysis()
+  planned = None if memory is None else float(
+      memory.argument_size_in_bytes + memory.output_size_in_bytes
+      + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  return {"xla_flops": cost.get("flops"), "xla_bytes_accessed": cost.get("bytes accessed"),
+          "xla_planned_bytes": planned}
 
 
 def time_pipeline(algorithm: str, work: Workload, steps: int = 20, warmup: int = 3,
@@ -197,8 +214,11 @@ def run(workloads: list[str], algorithms: list[str], variants: list[str], steps:
                **figures}
         if base is not None:
           row["ratio_to_sum"] = figures["median_ms"] / base["median_ms"]
-          if base["peak_bytes"] and figures["peak_bytes"]:
-            row["memory_ratio_to_sum"] = figures["peak_bytes"] / base["peak_bytes"]
+          for key, name in (("peak_bytes", "memory_ratio_to_sum"),
+                            ("xla_flops", "flops_ratio_to_sum"),
+                            ("xla_planned_bytes", "planned_memory_ratio_to_sum")):
+            if base[key] and figures[key]:
+              row[name] = figures[key] / base[key]
         report["results"].append(row)
         if verbose:
           print(format_row(row), flush=True)
@@ -224,9 +244,12 @@ def format_pipeline_row(row: dict[str, Any]) -> str:
 def format_row(row: dict[str, Any]) -> str:
   mem = f"{row['peak_bytes'] / 2**20:8.0f} MiB" if row.get("peak_bytes") else "       n/a"
   ratio = f"{row['ratio_to_sum']:5.2f}" if "ratio_to_sum" in row else "  -  "
+  flops = f"{row['xla_flops'] / 1e9:8.2f} GFLOP" if row.get("xla_flops") else "    n/a GFLOP"
+  plan = f"{row['xla_planned_bytes'] / 2**20:8.0f} MiB planned" \
+      if row.get("xla_planned_bytes") else "     n/a planned"
   return (f"{row['workload']:<14}{row['algorithm']:<10}{row['variant']:<22}"
           f"{row['median_ms']:9.1f} ms [{row['p10_ms']:.1f}, {row['p90_ms']:.1f}]  x{ratio}"
-          f"  {mem}  compiles={row['compilations']}")
+          f"  {mem}  {flops}  {plan}  compiles={row['compilations']}")
 
 
 def write_json(report: dict[str, Any], path: str) -> None:

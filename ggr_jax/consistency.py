@@ -144,7 +144,8 @@ def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
                   view_rows: tuple[jax.Array, jax.Array] | None = None,
                   microbatch: int | None = None, key: jax.Array | None = None,
                   sketch_dim: int = 64, sample_fn: SampleFn | None = None,
-                  samples: PyTree = None) -> ViewGeometry:
+                  samples: PyTree = None, has_aux: bool = False
+                  ) -> ViewGeometry | tuple[ViewGeometry, Any]:
   """:class:`ViewGeometry` of the two views' per-sample gradients over ``scope``.
 
   Args:
@@ -169,6 +170,10 @@ def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
       axis): the reference definition at the cost of one batch backward. Without it,
       each gradient is a row of the batch Jacobian of ``losses_fn`` (a backward pass
       of the whole batch per row: any function, quadratic in the batch size).
+    has_aux: ``losses_fn`` returns ``((loss_w, loss_s), aux)``, and the result is
+      ``(geometry, aux)``: values of the same forward (e.g. the pseudo-labels'
+      probabilities), at no extra cost for ``"exact"`` and ``"sketch"``; ``"vmap"``
+      evaluates ``losses_fn`` once more for them.
 
   Example:
     >>> import jax.numpy as jnp
@@ -191,22 +196,26 @@ def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
     raise ValueError("view_geometry: the scope selects no parameter; per-sample gradients "
                      "over an empty scope have no direction (check the scope's prefix).")
 
-  def frozen(p):
-    with frozen_batch_statistics():
-      return losses_fn(p)
+  if method == "sketch" and key is None:
+    raise ValueError("method='sketch' needs key=PRNGKey for its random directions.")
+  if method == "sketch" and (not isinstance(sketch_dim, int) or sketch_dim < 1):
+    raise ValueError(f"sketch_dim must be a positive integer, got {sketch_dim!r}.")
 
-  if method == "vmap" and sample_fn is not None:
-    return _by_samples(sample_fn, params, mask, samples, microbatch)
+  def frozen(p):  # -> ((loss_w, loss_s), aux)
+    with frozen_batch_statistics():
+      out = losses_fn(p)
+    return out if has_aux else (out, None)
+
   if method == "vmap":
-    return _by_rows(frozen, params, mask, microbatch)
-  if method == "sketch":
-    if key is None:
-      raise ValueError("method='sketch' needs key=PRNGKey for its random directions.")
-    if not isinstance(sketch_dim, int) or sketch_dim < 1:
-      raise ValueError(f"sketch_dim must be a positive integer, got {sketch_dim!r}.")
-    return _by_sketch(frozen, params, mask, key, sketch_dim)
-  return ViewGeometry(*layer_geometry.view_geometry_from_layers(frozen, params, mask,
-                                                                view_rows))
+    geometry = _by_samples(sample_fn, params, mask, samples, microbatch) \
+        if sample_fn is not None else _by_rows(lambda p: frozen(p)[0], params, mask, microbatch)
+    aux = frozen(params)[1] if has_aux else None
+  elif method == "sketch":
+    geometry, aux = _by_sketch(frozen, params, mask, key, sketch_dim)
+  else:
+    *sums, aux = layer_geometry.view_geometry_from_layers(frozen, params, mask, view_rows)
+    geometry = ViewGeometry(*sums)
+  return (geometry, aux) if has_aux else geometry
 
 
 def _scope_mask(scope, params: PyTree) -> PyTree:
@@ -255,15 +264,15 @@ def _by_samples(sample_fn: SampleFn, params: PyTree, mask: PyTree, samples: PyTr
   return ViewGeometry(*(v.reshape(count) for v in jax.lax.map(jax.vmap(one), chunks)))
 
 
-def _by_sketch(losses_fn: LossesFn, params: PyTree, mask: PyTree, key: jax.Array,
-               k: int) -> ViewGeometry:
+def _by_sketch(losses_fn: Callable, params: PyTree, mask: PyTree, key: jax.Array,
+               k: int) -> tuple[ViewGeometry, Any]:
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
   directions = treedef.unflatten([
       jax.random.normal(kk, (k, *p.shape), jnp.promote_types(p.dtype, jnp.float32))
       / jnp.sqrt(k) * m for kk, p, m in zip(keys, leaves, jax.tree.leaves(mask))])
-  stacked = lambda p: jnp.concatenate(losses_fn(p))
-  sketches = per_sample.sample_dots(stacked, params, directions)  # (2B, k)
+  stacked = lambda p: (lambda out: (jnp.concatenate(out[0]), out[1]))(losses_fn(p))
+  sketches, aux = per_sample.sample_dots(stacked, params, directions, has_aux=True)  # (2B, k)
   s_w, s_s = jnp.split(sketches, 2)
   return ViewGeometry(dot=jnp.sum(s_w * s_s, 1), sq_w=jnp.sum(s_w * s_w, 1),
-                      sq_s=jnp.sum(s_s * s_s, 1))
+                      sq_s=jnp.sum(s_s * s_s, 1)), aux

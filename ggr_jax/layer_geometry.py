@@ -166,8 +166,10 @@ def _layer_triple(layer: dict, arrays: dict, cot: jax.Array, scoped: dict[str, b
   parts = []
   if layer["kind"] in ("dense", "conv") and scoped["kernel"]:
     x = arrays["input"].astype(dtype)
-    a = _conv_patches(layer["module"], x) if layer["kind"] == "conv" else _positions(x)
-    parts.append(_kernel_triple(a[rows_w], a[rows_s], d[rows_w], d[rows_s]))
+    # the views' rows before the patches: the patches of other rows are never formed
+    inputs = (lambda v: _conv_patches(layer["module"], v)) if layer["kind"] == "conv" \
+        else _positions
+    parts.append(_kernel_triple(inputs(x[rows_w]), inputs(x[rows_s]), d[rows_w], d[rows_s]))
   if scoped["bias"]:
     b = jnp.sum(d, axis=1)
     parts.append(_triple(b[rows_w], b[rows_s]))
@@ -184,18 +186,19 @@ def _scoped_leaves(mask: PyTree) -> dict[tuple[str, ...], bool]:
 
 def view_geometry_from_layers(losses_fn: Callable, params: PyTree, mask: PyTree,
                               view_rows: tuple[jax.Array, jax.Array] | None
-                              ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(dot, sq_w, sq_s)`` per sample, exactly (see the module docstring)."""
+                              ) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
+  """``(dot, sq_w, sq_s, aux)`` per sample, exactly (see the module docstring), for
+  ``losses_fn(params) -> ((loss_w, loss_s), aux)``."""
   layers: dict = {}
   jax.eval_shape(lambda p: _record(losses_fn, p, None, layers, {}), params)
   perturb = {path: jnp.zeros(e["out"].shape, e["out"].dtype) for path, e in layers.items()}
 
   def total(p, eps):
     arrays: dict = {}
-    loss_w, loss_s = _record(losses_fn, p, eps, layers, arrays)
-    return jnp.sum(loss_w) + jnp.sum(loss_s), (arrays, loss_w.shape[0])
+    (loss_w, loss_s), aux = _record(losses_fn, p, eps, layers, arrays)
+    return jnp.sum(loss_w) + jnp.sum(loss_s), (arrays, loss_w.shape[0], aux)
 
-  cotangents, (arrays, batch) = jax.grad(total, argnums=1, has_aux=True)(params, perturb)
+  cotangents, (arrays, batch, aux) = jax.grad(total, argnums=1, has_aux=True)(params, perturb)
   rows_w, rows_s = view_rows if view_rows is not None else (
       jnp.arange(batch), batch + jnp.arange(batch))
 
@@ -214,4 +217,4 @@ def view_geometry_from_layers(losses_fn: Callable, params: PyTree, mask: PyTree,
         "exact per-sample geometry covers nn.Dense, nn.Conv and normalisation layers "
         f"called once; these scoped parameters belong to none: {', '.join(missing)}. "
         "Use method='vmap' (any model) or narrow the scope.")
-  return sums[0], sums[1], sums[2]
+  return sums[0], sums[1], sums[2], aux

@@ -65,11 +65,13 @@ def rows_from_pullback(pullback: Callable[[jax.Array], PyTree], batch: int, dtyp
   return jax.tree.map(lambda r: r.reshape(batch, *r.shape[2:]), rows)
 
 
-def sample_dots(loss_vector_fn: LossVectorFn, params: PyTree, directions: PyTree) -> jax.Array:
+def sample_dots(loss_vector_fn: LossVectorFn, params: PyTree, directions: PyTree,
+                has_aux: bool = False) -> jax.Array | tuple[jax.Array, Any]:
   """``<g_i, v_j>`` for every sample ``i`` and direction ``j``, shape ``(B, m)``, by JVP.
 
   ``directions`` is params-shaped with a leading axis ``m`` on every leaf (a basis);
-  zero entries outside a scope restrict the inner products to the scope.
+  zero entries outside a scope restrict the inner products to the scope. With
+  ``has_aux``, ``loss_vector_fn`` returns ``(losses, aux)`` and so does this.
 
   Example:
     >>> import jax.numpy as jnp
@@ -78,10 +80,11 @@ def sample_dots(loss_vector_fn: LossVectorFn, params: PyTree, directions: PyTree
     Array([[ 1.,  3.],
            [-2., -6.]], dtype=float32)
   """
-  _, jvp_fn = jax.linearize(loss_vector_fn, params)
+  _, jvp_fn, *aux = jax.linearize(loss_vector_fn, params, has_aux=has_aux)
   tangents = jax.tree.map(lambda d, p: d.astype(p.dtype), directions,
                           jax.tree.map(lambda p: p[None], params))
-  return jax.vmap(jvp_fn)(tangents).T
+  dots = jax.vmap(jvp_fn)(tangents).T
+  return (dots, aux[0]) if has_aux else dots
 
 
 def dots_from_rows(rows: PyTree, directions: PyTree) -> jax.Array:

@@ -69,6 +69,9 @@ def test_bench_runs_end_to_end_and_writes_valid_json(tmp_path, capsys):
       pipeline["images_per_s"] / (16 / (rows["sum"]["median_ms"] / 1e3)))
   assert all(r["compilations"] == 1 and r["median_ms"] > 0 for r in rows.values())
   assert rows["vlr"]["ratio_to_sum"] > 0 and rows["sum"]["ratio_to_sum"] == 1.0
+  # XLA's own accounting: GGCR's second-order step does more work and plans more memory
+  assert rows["ggcr_fast"]["flops_ratio_to_sum"] > 1.5
+  assert rows["ggcr_fast"]["planned_memory_ratio_to_sum"] > 1.0
   assert "vlr_per_sample_jvp" in capsys.readouterr().out
   assert cli.main(["bench", "--workloads", "huge"]) == 2
 

@@ -68,19 +68,21 @@ def _scope(name: str):
 class PairLosses(NamedTuple):
   """What :func:`pair_losses` gives :func:`ggr_jax.consistency.view_geometry`."""
 
-  losses_fn: Callable  # params -> (CE(weak, yhat), CE(strong, yhat)), (B,) each
+  losses_fn: Callable  # params -> ((CE(weak, yhat), CE(strong, yhat)), probs), (B,) each
   rows: tuple[jax.Array, jax.Array]  # the two views' rows in that forward
-  probs: jax.Array  # the weak view's probabilities (no gradient); yhat is their argmax
-  sample_fn: Callable  # (params, (x_w, x_s, yhat)) -> the two losses of one sample
-  samples: tuple[jax.Array, jax.Array, jax.Array]  # (x_w, x_s, yhat), one row per sample
+  sample_fn: Callable | None  # (params, (x_w, x_s, yhat)) -> the two losses of one sample
+  samples: tuple[jax.Array, jax.Array, jax.Array] | None  # (x_w, x_s, yhat), one per row
 
 
-def pair_losses(ctx: LossContext, pair: ViewPair) -> PairLosses:
+def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False) -> PairLosses:
   """The per-sample losses GGCR differentiates, and the pseudo-labels they use.
 
-  ``losses_fn`` is one train-mode forward of the views ``pair.forward``; ``sample_fn``
-  is the forward of one sample's two views alone, normalised with the batch statistics
-  of that joint forward (replayed), so that both give the same per-sample losses.
+  ``losses_fn`` is one train-mode forward of the views ``pair.forward``; the hard
+  pseudo-labels are the argmax of its own weak-view probabilities (no gradient),
+  which it returns as the auxiliary value, so that no other forward is needed. With
+  ``one_sample``, ``sample_fn`` is the forward of one sample's two views alone,
+  normalised with the batch statistics of that joint forward (recorded in one more
+  forward, then replayed), so that both give the same per-sample losses.
   """
   batch = ctx.batch
   parts = [batch[name] for name in pair.forward]
@@ -89,15 +91,19 @@ def pair_losses(ctx: LossContext, pair: ViewPair) -> PairLosses:
   rows_w = starts[pair.forward.index(pair.weak)] + jnp.arange(size)
   rows_s = starts[pair.forward.index(pair.strong)] + jnp.arange(size)
   x = jnp.concatenate(parts)
-  (outputs, _), stats = consistency.recorded_batch_statistics(
-      ctx.apply_fn, jax.lax.stop_gradient(ctx.params), ctx.model_state, x, True)
-  probs = jax.nn.softmax(jax.lax.stop_gradient(outputs["logits"][rows_w]))
-  yhat = jnp.argmax(probs, axis=-1)
   ce = optax.softmax_cross_entropy_with_integer_labels
 
   def losses_fn(params):
     out = ctx.apply_fn(params, ctx.model_state, x, True)[0]["logits"]
-    return ce(out[rows_w], yhat), ce(out[rows_s], yhat)
+    probs = jax.nn.softmax(jax.lax.stop_gradient(out[rows_w]))
+    yhat = jnp.argmax(probs, axis=-1)
+    return (ce(out[rows_w], yhat), ce(out[rows_s], yhat)), probs
+
+  if not one_sample:
+    return PairLosses(losses_fn, (rows_w, rows_s), None, None)
+  (outputs, _), stats = consistency.recorded_batch_statistics(
+      ctx.apply_fn, jax.lax.stop_gradient(ctx.params), ctx.model_state, x, True)
+  yhat = jnp.argmax(jax.lax.stop_gradient(outputs["logits"][rows_w]), axis=-1)
 
   def sample_fn(params, sample):
     x_w, x_s, label = sample
@@ -105,7 +111,7 @@ def pair_losses(ctx: LossContext, pair: ViewPair) -> PairLosses:
       out = ctx.apply_fn(params, ctx.model_state, jnp.stack([x_w, x_s]), True)[0]["logits"]
     return ce(out[0], label), ce(out[1], label)
 
-  return PairLosses(losses_fn, (rows_w, rows_s), probs, sample_fn,
+  return PairLosses(losses_fn, (rows_w, rows_s), sample_fn,
                     (batch[pair.weak], batch[pair.strong], yhat))
 
 
@@ -122,13 +128,14 @@ def scope_of(cfg: ml_collections.ConfigDict, params: Any):
 def gradient_consistency(ctx: LossContext, pair: ViewPair, cfg: ml_collections.ConfigDict
                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(terms, GC, confident)``, each ``(B,)``: ``terms = m_u (1 - GC(u)) / |B_u|``."""
-  pl = pair_losses(ctx, pair)
-  confident = jnp.max(pl.probs, axis=-1) > cfg.tau
+  pl = pair_losses(ctx, pair, one_sample=cfg.method == "vmap")
   key = jax.random.fold_in(ctx.rng, 17) if ctx.rng is not None else jax.random.PRNGKey(0)
-  gc = consistency.view_geometry(
+  geometry, probs = consistency.view_geometry(
       pl.losses_fn, ctx.params, method=cfg.method, scope=scope_of(cfg, ctx.params),
       view_rows=pl.rows, microbatch=cfg.microbatch or None, key=key,
-      sketch_dim=cfg.sketch_dim, sample_fn=pl.sample_fn, samples=pl.samples).cos
+      sketch_dim=cfg.sketch_dim, sample_fn=pl.sample_fn, samples=pl.samples, has_aux=True)
+  gc = geometry.cos
+  confident = jnp.max(probs, axis=-1) > cfg.tau
   weight = confident.astype(gc.dtype) if cfg.mask == "confident" else jnp.ones_like(gc)
   return weight * (1.0 - gc) / gc.shape[0], gc, confident
 
