@@ -73,6 +73,7 @@ def _split_distributed_flags(argv: list[str]) -> tuple[list[str], dict[str, Any]
 
 
 def train_main(argv: list[str]) -> int:
+  from ggr_jax import rundir  # pylint: disable=import-outside-toplevel
   from ggr_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
   from ggr_jax.train import distributed  # pylint: disable=import-outside-toplevel
   from ggr_jax.train import loop  # pylint: disable=import-outside-toplevel
@@ -83,7 +84,7 @@ def train_main(argv: list[str]) -> int:
   try:
     distributed.initialize(**multi_process)
     summary = loop.train(cfg, workdir)
-  except (config_lib.ConfigError, distributed.DistributedError) as err:
+  except (config_lib.ConfigError, distributed.DistributedError, rundir.WorkdirError) as err:
     print(f"ggr-jax train: {err}", file=sys.stderr)
     return 2
   if summary is None:  # stopped by a signal after saving
@@ -102,7 +103,11 @@ def eval_main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="ggr-jax eval")
   parser.add_argument("--workdir", required=True, help="a directory written by ggr-jax train")
   args = parser.parse_args(argv)
-  cfg = loop.load_run_config(args.workdir)
+  try:
+    cfg = loop.load_run_config(args.workdir)
+  except (FileNotFoundError, rundir.WorkdirError) as err:
+    print(f"ggr-jax eval: {err}", file=sys.stderr)
+    return 2
   trainer = loop.Trainer(cfg, args.workdir, progress=False)
   ckpt = Checkpointer(args.workdir)
   if ckpt.latest_step() is None:

@@ -8,6 +8,7 @@ A workdir holds one run::
   metrics.jsonl   one JSON record per log interval and per evaluation
   tb/             TensorBoard event files
   checkpoints/    orbax step folders ``<step>/``
+  .lock           held (``flock``) by the trainer of the workdir, naming its host and pid
 
 The trainer, ``ggr-jax eval``, the sweep and the report all read and write it through
 this module: the file names, which config fields may change when a run resumes, config
@@ -16,11 +17,15 @@ flattening and diffing, and the newest checkpoint step.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import pathlib
+import socket
 import tempfile
-from typing import Any, Mapping
+import time
+from typing import Any, Iterator, Mapping
 
 CONFIG = "config.json"
 SUMMARY = "summary.json"
@@ -28,6 +33,7 @@ EVAL = "eval.json"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
 CHECKPOINTS = "checkpoints"
+LOCK = ".lock"
 
 # Fields that may differ when a run resumes: none changes the trajectory (cadence of
 # logging, evaluation and checkpoints; how the same batches reach the device; where the
@@ -70,15 +76,32 @@ def config_diff(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
                 if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
 
 
+class WorkdirError(ValueError):
+  """A workdir file that cannot be used as it is; the message names it and the fix."""
+
+
 def read_json(file: str | os.PathLike) -> Any:
-  return json.loads(pathlib.Path(file).read_text())
+  """The JSON value of a workdir file; :class:`WorkdirError` naming it if it is empty or
+  garbled (this module writes atomically, so that is damage from outside)."""
+  file = pathlib.Path(file)
+  text = file.read_text()
+  try:
+    return json.loads(text)
+  except ValueError as err:
+    what = "empty" if not text.strip() else f"not valid JSON ({err})"
+    raise WorkdirError(f"{file} is {what}; restore it from a copy, or move the workdir "
+                       "aside and start the run again.") from None
 
 
 def write_json(file: str | os.PathLike, value: Any, **dumps_kwargs: Any) -> None:
-  """Writes ``value`` as JSON atomically (a temporary file in the same folder, then a
-  rename), so a reader never sees a half-written file."""
+  """Writes ``value`` as JSON atomically (see :func:`write_text`)."""
+  write_text(file, json.dumps(value, **{"indent": 1, **dumps_kwargs}))
+
+
+def write_text(file: str | os.PathLike, text: str) -> None:
+  """Writes ``text`` atomically (a temporary file in the same folder, then a rename), so
+  a reader never sees a half-written file."""
   file = pathlib.Path(file)
-  text = json.dumps(value, **{"indent": 1, **dumps_kwargs})
   fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
   try:
     with os.fdopen(fd, "w") as f:
@@ -106,3 +129,70 @@ def latest_checkpoint_step(workdir: str | os.PathLike) -> int | None:
   bare step number; unfinished ones carry a temporary suffix)."""
   steps = [int(p.name) for p in checkpoint_dir(workdir).glob("*") if p.name.isdigit()]
   return max(steps) if steps else None
+
+
+class WorkdirLocked(WorkdirError):
+  """Another live trainer holds the workdir."""
+
+
+def _owner_text(file: pathlib.Path) -> str:
+  try:
+    owner = json.loads(file.read_text())
+    return (f"pid {owner['pid']} on {owner['host']}, since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner['since']))}")
+  except (OSError, ValueError, KeyError, TypeError):
+    return "an unknown process"
+
+
+def lock_owner(workdir: str | os.PathLike) -> str | None:
+  """Who holds the workdir's lock (``"pid ... on <host>, since ..."``), or None if nobody
+  does. A lock file left by a process that died is not held: the kernel released it."""
+  file = path(workdir, LOCK)
+  if not file.exists():
+    return None
+  with file.open("a") as probe:
+    try:
+      fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      return _owner_text(file)
+    fcntl.flock(probe, fcntl.LOCK_UN)
+  return None
+
+
+_HELD: dict[pathlib.Path, int] = {}  # workdirs this process holds, and how many times
+
+
+@contextlib.contextmanager
+def exclusive(workdir: str | os.PathLike) -> Iterator[None]:
+  """Holds the workdir's lock for the life of a trainer; raises :class:`WorkdirLocked`
+  at once, naming the owner, if another process holds it. Re-entrant within a process.
+
+  The lock is an ``flock`` on ``.lock``: the kernel releases it when its holder exits
+  in any way (``kill -9`` included), so a lock file left behind is never stale.
+  """
+  file = path(workdir, LOCK).absolute()
+  if file in _HELD:
+    _HELD[file] += 1
+    try:
+      yield
+    finally:
+      _HELD[file] -= 1
+    return
+  handle = file.open("a+")
+  try:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      raise WorkdirLocked(
+          f"{workdir} is in use by another trainer ({_owner_text(file)}); wait for it or "
+          "stop it, or choose another --workdir.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "since": time.time()}))
+    handle.flush()
+    _HELD[file] = 1
+    yield
+  finally:
+    _HELD.pop(file, None)
+    handle.close()

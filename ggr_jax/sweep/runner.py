@@ -47,7 +47,8 @@ class Outcome:
 def plan(cells: list[Cell], root: str | pathlib.Path) -> list[Outcome]:
   """Loads and validates every cell's config and classifies its workdir, before any run.
 
-  Raises :class:`SweepError` listing every bad cell (config errors, foreign workdirs).
+  Raises :class:`SweepError` listing every bad cell (config errors, foreign workdirs,
+  workdirs a live trainer holds, e.g. one left running by a killed sweep).
   """
   root = pathlib.Path(root).absolute()
   outcomes, errors = [], []
@@ -56,6 +57,11 @@ def plan(cells: list[Cell], root: str | pathlib.Path) -> list[Outcome]:
       state, step = cell_state(root / cell.name, resolve_config(cell))
     except SweepError as err:
       errors.append(str(err))
+      continue
+    owner = rundir.lock_owner(root / cell.name) if state != "done" else None
+    if owner is not None:
+      errors.append(f"{cell.name}: its workdir {root / cell.name} is in use by a trainer "
+                    f"({owner}); wait for it or stop it.")
       continue
     outcomes.append(Outcome(cell, root / cell.name, state, step,
                             status="done" if state == "done" else "pending"))
@@ -74,8 +80,12 @@ def _start(outcome: Outcome, slot: Slot) -> subprocess.Popen:
   log.write(f"=== ggr-jax sweep {time.strftime('%Y-%m-%d %H:%M:%S')} on {slot.label}: "
             f"{' '.join(command)}\n")
   log.flush()
-  cpus = slot.cpus
-  preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+  cpus, sweep_pid = slot.cpus, os.getpid()
+
+  def preexec():
+    if cpus:
+      os.sched_setaffinity(0, cpus)
+    _terminate_with_parent(sweep_pid)
   try:
     # A session of its own: a terminal's Ctrl-C reaches the sweep only, which stops the
     # cells with SIGTERM (the train loop saves a checkpoint and exits 130).
@@ -84,6 +94,18 @@ def _start(outcome: Outcome, slot: Slot) -> subprocess.Popen:
                             preexec_fn=preexec)
   finally:
     log.close()
+
+
+def _terminate_with_parent(parent: int) -> None:
+  """In a child of ``parent``: SIGTERM when the parent dies, even by ``kill -9``
+  (Linux), so that no cell trains on as an orphan; the cell checkpoints and exits as on
+  a Ctrl-C."""
+  if sys.platform.startswith("linux"):
+    import ctypes  # pylint: disable=import-outside-toplevel
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request was made
+      os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _finished(outcome: Outcome, rc: int, stopping: bool) -> str:

@@ -161,9 +161,17 @@ class Trainer:
 
   # -- the loop ----------------------------------------------------------------------
   def run(self) -> dict[str, Any] | None:
-    """Trains to ``train.steps``; returns the summary, or None if stopped by a signal."""
+    """Trains to ``train.steps``; returns the summary, or None if stopped by a signal.
+
+    The primary process holds the workdir's lock throughout (:func:`rundir.exclusive`):
+    a second trainer of the same workdir stops at once.
+    """
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    with _workdir_lock(self.workdir):
+      return self._run()
+
+  def _run(self) -> dict[str, Any] | None:
     cfg, workdir = self.cfg, self.workdir
-    workdir.mkdir(parents=True, exist_ok=True)
     _check_same_run(workdir, cfg)
     ckpt = Checkpointer(workdir)
     state = self.restore(ckpt)
@@ -316,5 +324,13 @@ def _progress(start: int, total: int, enabled: bool):
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path,
           progress: bool = True) -> dict[str, Any] | None:
-  """Trains (or resumes) the run of ``cfg`` in ``workdir``; see :class:`Trainer`."""
-  return Trainer(cfg, workdir, progress).run()
+  """Trains (or resumes) the run of ``cfg`` in ``workdir``; see :class:`Trainer`. The
+  workdir's lock is taken before the data and the program are built."""
+  pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+  with _workdir_lock(workdir):
+    return Trainer(cfg, workdir, progress).run()
+
+
+def _workdir_lock(workdir: str | pathlib.Path):
+  """The workdir's lock in the primary process (the others share its run)."""
+  return rundir.exclusive(workdir) if distributed.is_primary() else contextlib.nullcontext()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import warnings
 from typing import Any
 
 from ggr_jax import rundir
@@ -21,9 +22,8 @@ class MetricsLog:
   def __init__(self, workdir: pathlib.Path, resume_step: int = 0, tensorboard: bool = True):
     self.path = rundir.path(workdir, rundir.METRICS)
     if self.path.exists():
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line)["step"] <= resume_step]
-      self.path.write_text("".join(line + "\n" for line in kept))
+      kept = [json.dumps(r) for r in _records(self.path) if r["step"] <= resume_step]
+      rundir.write_text(self.path, "".join(line + "\n" for line in kept))
     self._writer = None
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
@@ -44,9 +44,24 @@ class MetricsLog:
 
 
 def read(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
-  """Every record of a run's ``metrics.jsonl``."""
-  path = rundir.path(workdir, rundir.METRICS)
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  """Every record of a run's ``metrics.jsonl``; a torn last line (a write that an
+  interruption cut short) is dropped with a warning."""
+  return _records(rundir.path(workdir, rundir.METRICS))
+
+
+def _records(path: pathlib.Path) -> list[dict[str, Any]]:
+  lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+  records = []
+  for n, line in lines:
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      if n != lines[-1][0]:
+        raise rundir.WorkdirError(f"{path} line {n} is not a JSON record; the log is damaged "
+                                  "in the middle: restore it from a copy.") from None
+      warnings.warn(f"{path}: dropped a torn last line (line {n}), a write that an "
+                    "interruption cut short.", stacklevel=2)
+  return records
 
 
 class NullLog:
