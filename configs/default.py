@@ -58,11 +58,12 @@ def get_config() -> ml_collections.ConfigDict:
   # input: "device" puts the whole split on device and samples each batch inside the
   # step; "stream" keeps it in host memory and streams each step's uint8 batch (every
   # process gathers its own shards), prefetch batches ahead (ggr_jax.data.stream). Both
-  # feed the same batches.
+  # feed the same batches. nonfinite_patience: consecutive steps with a non-finite loss
+  # or gradient after which the run stops, before evaluating or checkpointing that state.
   cfg.train = ml_collections.ConfigDict(dict(
       seed=0, steps=2000, steps_per_epoch=100, batch_size=32, uratio=7,
       log_every=50, eval_every=500, checkpoint_every=500, eval_batch_size=256,
-      input="device", prefetch=2))
+      input="device", prefetch=2, nonfinite_patience=1))
 
   # threshold: the open-set decision rule. "official": the official eval.py's, a fixed
   # 0.95 on the maximum softmax probability (FixMatch, supervised) and Otsu on the test

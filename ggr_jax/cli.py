@@ -84,7 +84,8 @@ def train_main(argv: list[str]) -> int:
   try:
     distributed.initialize(**multi_process)
     summary = loop.train(cfg, workdir)
-  except (config_lib.ConfigError, distributed.DistributedError, rundir.WorkdirError) as err:
+  except (config_lib.ConfigError, distributed.DistributedError, rundir.WorkdirError,
+          loop.Diverged) as err:
     print(f"ggr-jax train: {err}", file=sys.stderr)
     return 2
   if summary is None:  # stopped by a signal after saving
@@ -113,7 +114,11 @@ def eval_main(argv: list[str]) -> int:
   if ckpt.latest_step() is None:
     print(f"ggr-jax eval: no checkpoint in {args.workdir}/checkpoints", file=sys.stderr)
     return 2
-  state = trainer.restore(ckpt)
+  try:
+    state = trainer.restore(ckpt)
+  except rundir.WorkdirError as err:
+    print(f"ggr-jax eval: {err}", file=sys.stderr)
+    return 2
   result = {**trainer.evaluate(state), "steps": int(state.step)}
   rundir.write_json(rundir.path(args.workdir, rundir.EVAL), result, default=float)
   _print_results(f"eval of {args.workdir} at step {int(state.step)}", result)

@@ -8,6 +8,8 @@ A workdir holds one run::
   metrics.jsonl   one JSON record per log interval and per evaluation
   tb/             TensorBoard event files
   checkpoints/    orbax step folders ``<step>/``
+  checksums/      ``<step>.json``: the SHA-256 of every file of a finished checkpoint
+  damaged/        checkpoint folders that failed verification, moved aside
   .lock           held (``flock``) by the trainer of the workdir, naming its host and pid
 
 The trainer, ``ggr-jax eval``, the sweep and the report all read and write it through
@@ -34,13 +36,15 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
 CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
+CHECKSUMS = "checksums"
+DAMAGED = "damaged"
 
 # Fields that may differ when a run resumes: none changes the trajectory (cadence of
 # logging, evaluation and checkpoints; how the same batches reach the device; where the
 # data set is read from). The same fields never tell two runs apart in a report.
 RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every",
                      "train.input", "train.prefetch", "train.eval_batch_size",
-                     "dataset.data_dir", "eval.threshold")
+                     "dataset.data_dir", "eval.threshold", "train.nonfinite_patience")
 
 
 def path(workdir: str | os.PathLike, name: str) -> pathlib.Path:

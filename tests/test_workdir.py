@@ -1,18 +1,25 @@
-"""One trainer per workdir: the lock, and what the CLI and the sweep do with it."""
+"""Runs that never lose or corrupt work: one trainer per workdir (the lock, and what the CLI
+and the sweep do with it), damaged state files, the divergence guard."""
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
 from ggr_jax import cli, rundir, sweep
-from ggr_jax.train import metrics_log
+from ggr_jax.train import loop, metrics_log
+from ggr_jax.train.checkpoint import Checkpointer
+
+from tests.test_train import tiny_config
 
 HOLD = """
 import sys, time
@@ -145,3 +152,104 @@ def test_a_metrics_log_damaged_in_the_middle_is_refused(tmp_path):
   _write_log(tmp_path, ['{"step": 2, "split": "train"}', 'garbage', '{"step": 6}'])
   with pytest.raises(rundir.WorkdirError, match="line 2 is not a JSON record"):
     metrics_log.read(tmp_path)
+
+
+# -- divergence ---------------------------------------------------------------------------
+def test_a_diverging_run_stops_before_checkpointing_a_non_finite_state(tmp_path, capsys):
+  cfg = tiny_config("fixmatch", "sum", steps=8)
+  cfg.ggr.split_gradients = False
+  cfg.optim.lr = 1e30  # the first update sends the logits to infinity
+  with pytest.raises(loop.Diverged, match=r"non-finite from step \d+ .*Lower optim.lr"):
+    loop.train(cfg, tmp_path, progress=False)
+  records = metrics_log.read(tmp_path)
+  assert records and records[-1]["split"] == "train" and records[-1]["step"] < 8
+  assert records[-1]["monitors/finite"] < 1  # the bad interval is logged
+  assert not rundir.path(tmp_path, rundir.SUMMARY).exists()
+  newest = rundir.latest_checkpoint_step(tmp_path)
+  if newest is not None:  # whatever was saved is finite
+    state = loop.Trainer(cfg, tmp_path, progress=False).restore(Checkpointer(tmp_path))
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.params))
+  rc = cli.main(["train", "--workdir", str(tmp_path / "cli"), "--config.optim.lr=1e30",
+                 "--config.train.steps=4", "--config.train.log_every=2",
+                 "--config.train.batch_size=8", "--config.train.uratio=1"])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and "Traceback" not in err  # above it: the progress bar
+  assert err.splitlines()[-1].startswith("ggr-jax train: the run diverged")
+
+
+def test_checkpoints_without_their_config_json_are_not_resumed_blindly(tmp_path):
+  cfg = tiny_config("supervised", "sum", steps=2)
+  cfg.ggr.split_gradients = False
+  loop.train(cfg, tmp_path, progress=False)
+  rundir.path(tmp_path, rundir.CONFIG).unlink()
+  cfg.train.steps = 4
+  with pytest.raises(loop.config_lib.ConfigError, match="checkpoints but no config.json"):
+    loop.train(cfg, tmp_path, progress=False)
+
+
+# -- verified checkpoints -----------------------------------------------------------------
+def _trained(tmp_path, steps=4):
+  cfg = tiny_config("supervised", "sum", steps=steps)
+  cfg.ggr.split_gradients = False
+  loop.train(cfg, tmp_path, progress=False)
+  return cfg
+
+
+def _largest_file(folder: pathlib.Path) -> pathlib.Path:
+  return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _overwrite(file: pathlib.Path) -> None:
+  with file.open("r+b") as f:
+    f.seek(file.stat().st_size // 2)
+    f.write(np.random.default_rng(0).bytes(min(4096, file.stat().st_size // 2)))
+
+
+def _truncate(file: pathlib.Path) -> None:
+  with file.open("r+b") as f:
+    f.truncate(file.stat().st_size // 2)
+
+
+def _empty_folder(folder: pathlib.Path) -> None:
+  for child in folder.iterdir():
+    shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+@pytest.mark.parametrize("damage", ["overwrite", "truncate", "metadata", "empty"])
+def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_restored(tmp_path, damage):
+  cfg = _trained(tmp_path)
+  newest = rundir.checkpoint_dir(tmp_path) / "4"
+  assert (tmp_path / rundir.CHECKSUMS / "4.json").exists()
+  if damage == "overwrite":
+    _overwrite(_largest_file(newest))
+  elif damage == "truncate":
+    _truncate(_largest_file(newest))
+  elif damage == "metadata":
+    (newest / "_CHECKPOINT_METADATA").write_text("{garbled")
+  else:
+    _empty_folder(newest)
+  with pytest.warns(UserWarning, match="checkpoint step 4 is damaged"):
+    state = loop.Trainer(cfg, tmp_path, progress=False).restore(Checkpointer(tmp_path))
+  assert int(state.step) == 2
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.opt_state))
+  assert not newest.exists() and len(list((tmp_path / rundir.DAMAGED).iterdir())) == 1
+
+
+def test_an_intact_checkpoint_restores_unchanged(tmp_path):
+  cfg = _trained(tmp_path)
+  import warnings  # pylint: disable=import-outside-toplevel
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    state = loop.Trainer(cfg, tmp_path, progress=False).restore(Checkpointer(tmp_path))
+  assert int(state.step) == 4 and not (tmp_path / rundir.DAMAGED).exists()
+  assert sorted(p.name for p in (tmp_path / rundir.CHECKSUMS).iterdir()) == ["2.json", "4.json"]
+
+
+def test_eval_with_no_intact_checkpoint_says_so_in_one_line(tmp_path, capsys):
+  _trained(tmp_path)
+  for step in ("2", "4"):
+    _overwrite(_largest_file(rundir.checkpoint_dir(tmp_path) / step))
+  with pytest.warns(UserWarning):
+    assert cli.main(["eval", "--workdir", str(tmp_path)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("ggr-jax eval: no intact checkpoint") and len(err.splitlines()) == 1

@@ -1,43 +1,135 @@
-"""Orbax checkpoints of the whole train state in ``<workdir>/checkpoints``."""
+"""Orbax checkpoints of the whole train state in ``<workdir>/checkpoints``, verified.
+
+Orbax writes a step asynchronously and has no integrity check of its own, so a file
+damaged after the write (a bad disk, a stray write, a copy cut short) would load as
+silently wrong numbers. Once a step has finished writing, its files' SHA-256 digests go
+to ``<workdir>/checksums/<step>.json``. A restore takes the newest step whose files
+match their digests and that orbax can read; a damaged step is moved to
+``<workdir>/damaged/`` with a one-line warning naming it, and the next newer intact
+one is used.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
+import shutil
+import time
+import warnings
 
 import jax
 import orbax.checkpoint as ocp
 
 from ggr_jax import rundir
+from ggr_jax.train import distributed
 from ggr_jax.train.state import TrainState
+
+
+class NoIntactCheckpoint(rundir.WorkdirError):
+  """Every checkpoint of the workdir failed verification."""
+
+
+def _digests(folder: pathlib.Path) -> dict[str, str]:
+  out = {}
+  for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+    digest = hashlib.sha256()
+    with file.open("rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+    out[str(file.relative_to(folder))] = digest.hexdigest()
+  return out
 
 
 class Checkpointer:
   """Saves and restores :class:`TrainState`; keeps the newest ``max_to_keep`` steps."""
 
   def __init__(self, workdir: str | pathlib.Path, max_to_keep: int = 2):
-    directory = rundir.checkpoint_dir(workdir)
+    self._workdir = pathlib.Path(workdir).absolute()
+    self._directory = rundir.checkpoint_dir(workdir)
     self._manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        self._directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                                              create=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, state: TrainState) -> None:
-    """Saves at ``state.step`` (asynchronously; :meth:`wait` blocks until written)."""
+    """Saves at ``state.step`` (asynchronously; the digests are written once it is
+    finished: at the next save, :meth:`wait` or :meth:`close`)."""
     step = int(state.step)
     if step != self._manager.latest_step():
+      self._seal()
       self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
   def restore(self, like: TrainState) -> TrainState:
-    """The newest checkpoint, laid out (shapes, dtypes, shardings) like ``like``."""
+    """The newest intact checkpoint, laid out (shapes, dtypes, shardings) like ``like``."""
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
-    return self._manager.restore(self._manager.latest_step(),
-                                 args=ocp.args.StandardRestore(abstract))
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      problem = self._verify(step)
+      if problem is None:
+        try:
+          return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as err:  # pylint: disable=broad-except  # orbax raises many kinds
+          problem = f"orbax cannot read it ({type(err).__name__}: {str(err)[:200]})"
+      self._set_aside(step, problem)
+    raise NoIntactCheckpoint(
+        f"no intact checkpoint in {self._directory} (the damaged ones are in "
+        f"{rundir.path(self._workdir, rundir.DAMAGED)}); move the workdir aside and start "
+        "the run again.")
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
+    self._seal()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
+
+  # -- digests ------------------------------------------------------------------------
+  def _checksum_file(self, step: int) -> pathlib.Path:
+    return rundir.path(self._workdir, rundir.CHECKSUMS) / f"{step}.json"
+
+  def _seal(self) -> None:
+    """Digests of the finished steps that have none; drops those of deleted steps."""
+    self._manager.wait_until_finished()
+    if not distributed.is_primary():
+      return
+    steps = set(self._manager.all_steps())
+    folder = rundir.path(self._workdir, rundir.CHECKSUMS)
+    folder.mkdir(exist_ok=True)
+    for step in steps:
+      if not self._checksum_file(step).exists():
+        rundir.write_json(self._checksum_file(step), _digests(self._directory / str(step)))
+    for file in folder.glob("*.json"):
+      if file.stem.isdigit() and int(file.stem) not in steps:
+        file.unlink(missing_ok=True)
+
+  def _verify(self, step: int) -> str | None:
+    """What is wrong with a step's files, or None (a step without digests, e.g. from
+    before this check existed, is trusted to orbax)."""
+    file = self._checksum_file(step)
+    if not file.exists():
+      return None
+    try:
+      expected = rundir.read_json(file)
+    except rundir.WorkdirError:
+      return f"its digest file {file} is damaged"
+    found = _digests(self._directory / str(step))
+    for name, digest in expected.items():
+      if name not in found:
+        return f"{name} is missing"
+      if found[name] != digest:
+        return f"{name} changed since it was written"
+    extra = sorted(set(found) - set(expected))
+    return f"{extra[0]} appeared after it was written" if extra else None
+
+  def _set_aside(self, step: int, problem: str) -> None:
+    target = rundir.path(self._workdir, rundir.DAMAGED) / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if distributed.is_primary():
+      target.parent.mkdir(exist_ok=True)
+      shutil.move(str(self._directory / str(step)), str(target))
+      self._checksum_file(step).unlink(missing_ok=True)
+    warnings.warn(f"checkpoint step {step} is damaged ({problem}); moved to {target}, "
+                  "falling back to the previous one.", stacklevel=2)
+    self._manager.reload()

@@ -163,7 +163,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   _choice(cfg, "train.input", ("device", "stream"))
   _choice(cfg, "eval.threshold", THRESHOLD_RULES)
   for field in ("steps", "steps_per_epoch", "batch_size", "uratio", "log_every", "eval_every",
-                "checkpoint_every", "eval_batch_size", "prefetch"):
+                "checkpoint_every", "eval_batch_size", "prefetch", "nonfinite_patience"):
     _positive_int(cfg, f"train.{field}")
   if not isinstance(cfg.train.seed, int) or cfg.train.seed < 0:
     _fail("train.seed", cfg.train.seed, "must be a non-negative integer")

@@ -35,6 +35,42 @@ class Interrupted(Exception):
   """Raised by the signal handler's flag check; the loop saves before leaving."""
 
 
+class Diverged(RuntimeError):
+  """The loss or a gradient was non-finite for ``train.nonfinite_patience`` steps."""
+
+
+class _FiniteGuard:
+  """Counts consecutive steps whose ``monitors/finite`` is 0, reading them from the
+  device only at the loop's sync points (logging, evaluation, checkpoints)."""
+
+  def __init__(self, patience: int):
+    self.patience, self.streak, self.first_bad, self._unread = patience, 0, None, []
+
+  def add(self, step: int, finite: jax.Array) -> None:
+    self._unread.append((step, finite))
+
+  def check(self, workdir: pathlib.Path, lr: float) -> None:
+    """Raises :class:`Diverged` if the streak reached the patience."""
+    values = jax.device_get([v for _, v in self._unread])
+    for (step, _), finite in zip(self._unread, values):
+      if finite:
+        self.streak, self.first_bad = 0, None
+      else:
+        self.streak += 1
+        self.first_bad = step if self.first_bad is None else self.first_bad
+      if self.streak >= self.patience:
+        self._unread = []
+        newest = rundir.latest_checkpoint_step(workdir)
+        kept = f"step {newest}" if newest is not None else "none yet"
+        raise Diverged(
+            f"the run diverged: the loss or a gradient is non-finite from step "
+            f"{self.first_bad} ({self.streak} consecutive steps); stopped without "
+            f"evaluating or checkpointing it (newest checkpoint: {kept}). Lower optim.lr "
+            f"(now {lr:g}) or start from a checkpoint before the divergence; "
+            "train.nonfinite_patience sets the tolerated streak.")
+    self._unread = []
+
+
 def load_split(cfg: ml_collections.ConfigDict) -> OpenSetSplit:
   """The split of ``cfg.dataset`` under ``cfg.dataset.protocol`` (labeled draw from
   ``cfg.train.seed``)."""
@@ -89,6 +125,10 @@ def _check_same_run(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> No
       raise config_lib.ConfigError(
           f"{workdir} holds a run with a different config ({', '.join(changed)}); resume it "
           "with the same config or choose a new --workdir.")
+  elif rundir.latest_checkpoint_step(workdir) is not None:
+    raise config_lib.ConfigError(
+        f"{workdir} holds checkpoints but no {rundir.CONFIG}, so the config they were "
+        f"trained with cannot be checked; restore {path} or choose a new --workdir.")
   distributed.barrier("ggr_jax.config_checked")  # every process read before process 0 writes
   if distributed.is_primary():
     rundir.write_json(path, cfg.to_dict(), sort_keys=True, default=list)
@@ -182,14 +222,17 @@ class Trainer:
     total, pending, last_eval = cfg.train.steps, [], None
     bar = _progress(start, total, self.progress and primary)
     t0, wall_start, step = time.perf_counter(), time.perf_counter(), start
+    guard = _FiniteGuard(cfg.train.nonfinite_patience)
     try:
       with _stop_on_signals() as received:
         while step < total:
           state = self.program.epoch_boundary(state, step, self.split.x_unlabeled, feed)
           state, metrics = self.program.train_step(state, feed.next(step))
           pending.append(metrics)
+          guard.add(step, metrics["monitors/finite"])
           step += 1
-          if step % cfg.train.log_every == 0 or step == total:
+          at_log = step % cfg.train.log_every == 0 or step == total
+          if at_log:
             means = _mean_metrics(pending)
             rate = len(pending) / max(time.perf_counter() - t0, 1e-9)
             means["monitors/steps_per_s"] = rate
@@ -197,26 +240,40 @@ class Trainer:
             bar.update(len(pending))
             bar.set_postfix(loss=f"{means['losses/total']:.3f}", it_s=f"{rate:.1f}")
             pending, t0 = [], time.perf_counter()
+          if at_log or step % cfg.train.eval_every == 0 or step % cfg.train.checkpoint_every == 0:
+            guard.check(workdir, cfg.optim.lr)
           if step % cfg.train.eval_every == 0 or step == total:
             last_eval = self.evaluate(state)
             raw = self.evaluate(state, "raw")  # for the official figures (see _summary)
             log.write(step, "eval", {**_scalars(last_eval), **_scalars(raw, RAW_PREFIX)})
-          if step % cfg.train.checkpoint_every == 0 or step == total:
-            ckpt.save(state)
+          if (step % cfg.train.checkpoint_every == 0 or step == total) and not guard.streak:
+            ckpt.save(state)  # never a state from a non-finite step
           if self.on_step is not None:
             self.on_step(step)
           if _stop_agreed(received, step, cfg.train.log_every):
             raise Interrupted(signal.Signals(received[0]).name if received
                               else "a signal to another process")
     except Interrupted as stop:
-      ckpt.save(state)
+      try:
+        guard.check(workdir, cfg.optim.lr)  # a diverged state is not saved either
+        if not guard.streak:
+          ckpt.save(state)
+      finally:
+        ckpt.close()
+        log.close()
+        bar.close()
+      if primary:
+        saved = f"saved at step {int(state.step)}" if not guard.streak else (
+            f"kept at step {rundir.latest_checkpoint_step(workdir)} (step "
+            f"{int(state.step)} is non-finite)")
+        print(f"\n{stop} received: checkpoint {saved} in "
+              f"{rundir.checkpoint_dir(workdir)}; run the same command to resume.")
+      return None
+    except Diverged:
       ckpt.close()
       log.close()
       bar.close()
-      if primary:
-        print(f"\n{stop} received: checkpoint saved at step {int(state.step)} in "
-              f"{rundir.checkpoint_dir(workdir)}; run the same command to resume.")
-      return None
+      raise
     finally:
       feed.close()
     ckpt.close()

@@ -202,6 +202,9 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
         **({f"ggr/{name}": optax.tree.get(opt_state, name) for name in DIAGNOSTICS}
            if ggr.split_gradients else {}),
         "monitors/lr": schedule(state.step),
+        # 1 when the loss and both gradients are finite (the loop's divergence guard)
+        "monitors/finite": (jnp.isfinite(sup + aux) & jnp.isfinite(optax.tree.norm(g_sup))
+                            & jnp.isfinite(optax.tree.norm(g_aux))).astype(jnp.float32),
     }
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                               opt_state=opt_state, ema_params=ema_params,
