@@ -55,10 +55,12 @@ class Checkpointer:
 
   def save(self, state: TrainState) -> None:
     """Saves at ``state.step`` (asynchronously; the digests are written once it is
-    finished: at the next save, :meth:`wait` or :meth:`close`)."""
+    finished: at the first later save that finds no write in progress, at :meth:`wait`
+    or at :meth:`close`; a save never waits for the previous one to finish)."""
     step = int(state.step)
     if step != self._manager.latest_step():
-      self._seal()
+      if not self._manager.is_saving_in_progress():
+        self._seal()
       self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
   def restore(self, like: TrainState) -> TrainState:
@@ -91,8 +93,8 @@ class Checkpointer:
     return rundir.path(self._workdir, rundir.CHECKSUMS) / f"{step}.json"
 
   def _seal(self) -> None:
-    """Digests of the finished steps that have none; drops those of deleted steps."""
-    self._manager.wait_until_finished()
+    """Digests of the finished steps that have none; drops those of deleted steps.
+    Called with no write in progress."""
     if not distributed.is_primary():
       return
     steps = set(self._manager.all_steps())
