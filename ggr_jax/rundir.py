@@ -135,6 +135,24 @@ def latest_checkpoint_step(workdir: str | os.PathLike) -> int | None:
   return max(steps) if steps else None
 
 
+def make_workdir(workdir: str | os.PathLike) -> pathlib.Path:
+  """Creates the workdir (and its parents); :class:`WorkdirError` naming it when it is a
+  file, cannot be created, or is not writable."""
+  folder = pathlib.Path(workdir)
+  if folder.exists() and not folder.is_dir():
+    raise WorkdirError(f"the workdir {folder} is a file, not a folder; choose another "
+                       "--workdir.")
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+  except OSError as err:
+    raise WorkdirError(f"cannot create the workdir {folder} ({err.strerror}); choose "
+                       "another --workdir.") from None
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise WorkdirError(f"the workdir {folder} is not writable; fix its permissions or "
+                       "choose another --workdir.")
+  return folder
+
+
 class WorkdirLocked(WorkdirError):
   """Another live trainer holds the workdir."""
 

@@ -253,3 +253,23 @@ def test_eval_with_no_intact_checkpoint_says_so_in_one_line(tmp_path, capsys):
     assert cli.main(["eval", "--workdir", str(tmp_path)]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("ggr-jax eval: no intact checkpoint") and len(err.splitlines()) == 1
+
+
+# -- one-line input errors ----------------------------------------------------------------
+@pytest.mark.parametrize("where", ["a_file", "a_file/below"])
+def test_a_workdir_that_cannot_be_a_folder_is_one_line(tmp_path, capsys, where):
+  (tmp_path / "a_file").write_text("")
+  rc = cli.main(["train", "--workdir", str(tmp_path / where), "--config.train.steps=2"])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and len(err.splitlines()) == 1
+  assert err.startswith("ggr-jax train: ") and str(tmp_path / where) in err
+
+
+@pytest.mark.parametrize("text, message", [("def get_sweep(:\n", "line 1: invalid syntax"),
+                                           ("import no_such_module_here\n", "ModuleNotFound")])
+def test_a_sweep_spec_that_does_not_load_is_one_line(tmp_path, capsys, text, message):
+  spec = tmp_path / "spec.py"
+  spec.write_text(text)
+  assert cli.main(["sweep", str(spec), "--root", str(tmp_path / "root")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and message in err and str(spec) in err

@@ -146,7 +146,13 @@ def load_spec(spec: str) -> list[Cell]:
                      "get_sweep(), or the name of one in configs/.")
   module_spec = importlib.util.spec_from_file_location(f"_ggr_sweep_{path.stem}", path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as err:
+    raise SweepError(f"sweep spec {path} line {err.lineno}: {err.msg}; fix the file.") from None
+  except Exception as err:  # pylint: disable=broad-except  # the spec's own code failed
+    raise SweepError(f"sweep spec {path} failed while loading: {type(err).__name__}: {err}"
+                     ) from None
   get_sweep = getattr(module, "get_sweep", None)
   if not callable(get_sweep):
     raise SweepError(f"{path} defines no get_sweep(); a sweep spec returns a list of cells "

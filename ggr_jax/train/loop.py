@@ -206,7 +206,7 @@ class Trainer:
     The primary process holds the workdir's lock throughout (:func:`rundir.exclusive`):
     a second trainer of the same workdir stops at once.
     """
-    self.workdir.mkdir(parents=True, exist_ok=True)
+    rundir.make_workdir(self.workdir)
     with _workdir_lock(self.workdir):
       return self._run()
 
@@ -383,7 +383,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path,
           progress: bool = True) -> dict[str, Any] | None:
   """Trains (or resumes) the run of ``cfg`` in ``workdir``; see :class:`Trainer`. The
   workdir's lock is taken before the data and the program are built."""
-  pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+  rundir.make_workdir(workdir)
   with _workdir_lock(workdir):
     return Trainer(cfg, workdir, progress).run()
 
