@@ -109,3 +109,18 @@ def test_a_model_without_an_encoder_is_refused_before_compiling(split):
   with pytest.raises(ValueError, match="consistency.scope = 'encoder' selects no parameter"):
     jax.eval_shape(lambda: algo.losses(LossContext(fake_apply, params, {}, batch, None, 0,
                                                    ctx_cfg)))
+
+
+def test_every_method_gives_the_same_consistency_through_the_algorithm(split):
+  """The exact and vmap terms agree, and the sketch estimates them: the exact and sketch
+  methods read their pseudo-labels from their own forward, vmap from a recorded one, and
+  the cosines depend on those labels."""
+  out = {method: _losses("ggcr", split, method=method, sketch_dim=256, mask="confident",
+                         tau=0.1)
+         for method in ("exact", "vmap", "sketch")}
+  gc = {m: float(o.metrics["ggcr/gc_mean"]) for m, o in out.items()}
+  confident = {m: float(o.metrics["ggcr/gc_confident"]) for m, o in out.items()}
+  assert abs(gc["exact"] - gc["vmap"]) < 1e-5 and abs(confident["exact"] - confident["vmap"]) < 1e-5
+  assert abs(gc["sketch"] - gc["exact"]) < 0.2  # k = 256: errors of order 1/16 per sample
+  np.testing.assert_allclose(float(out["exact"].auxiliary["gc"]),
+                             float(out["vmap"].auxiliary["gc"]), rtol=1e-4, atol=1e-7)
