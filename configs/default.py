@@ -19,10 +19,12 @@ def get_config() -> ml_collections.ConfigDict:
   # (id_classes known, the rest OOD) or "closed" (every class known; closed-set SSL, top-1
   # and top-5). data_dir: the tfds data directory or the ImageNet-30 root ("" = the tfds
   # default). max_test_images: evaluate on the first N test images only (0 = all).
+  # unlabeled_excludes_labeled: leave the labeled images out of the unlabeled set
+  # (SemiMeta's protocol; FixMatch and GGR keep them).
   cfg.dataset = ml_collections.ConfigDict(dict(
       name="digits", protocol="openset", id_classes=(0, 1, 2, 3, 4, 5), labels_per_class=5,
       test_fraction=0.3, num_id_classes=50, in30_labels="p1", imagenet_subset="1pct",
-      image_size=256, data_dir="", max_test_images=0))
+      image_size=256, data_dir="", max_test_images=0, unlabeled_excludes_labeled=False))
   # BatchNorm momentum (PyTorch convention): the official 0.001 averages over ~1000
   # steps, too slow for a 2000-step run; 0.01 keeps eval-mode statistics current.
   cfg.model = ml_collections.ConfigDict(dict(backbone="cnn", bn_momentum=0.01))
@@ -51,8 +53,12 @@ def get_config() -> ml_collections.ConfigDict:
   # optimizer name with kwargs passed on (set them in a config file); momentum and
   # nesterov are SGD's. Weight decay is decoupled where the optimizer takes it
   # (adamw, lion, muon), coupled L2 otherwise (ggr_jax.train.optim).
+  # schedule: "usb_cosine" (official GGR), "warmup_step" (linear warm-up over warmup_steps,
+  # then x decay_factor after each of milestones), "warmup_cosine" (warm-up, half-cosine).
+  # decay: weight decay on "kernels" (official GGR) or on "all" parameters (torch SGD).
   cfg.optim = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4, ema=0.999,
+      schedule="usb_cosine", warmup_steps=0, milestones=(), decay_factor=0.1, decay="kernels",
       kwargs=ml_collections.ConfigDict()))
 
   # input: "device" puts the whole split on device and samples each batch inside the

@@ -313,3 +313,31 @@ def make_closed_split(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarr
                             id_classes=tuple(int(c) for c in classes),
                             labels_per_class=labels_per_class, seed=seed, mean=mean, std=std,
                             name=name, closed_set=True)
+
+
+def exclude_labeled(split: OpenSetSplit) -> OpenSetSplit:
+  """``split`` with its labeled images left out of the unlabeled set (SemiMeta's official
+  protocol; FixMatch's keeps them). ``labeled_index`` still counts rows of the full
+  training set.
+
+  Example:
+    >>> import numpy as np
+    >>> x = np.arange(12, dtype=np.uint8).reshape(12, 1, 1, 1)
+    >>> y = np.repeat(np.arange(3), 4)
+    >>> split = make_closed_split(x, y, x[:6], y[::2], labels_per_class=1, seed=0,
+    ...                           mean=(0.5,), std=(0.5,), name="toy")
+    >>> out = exclude_labeled(split)
+    >>> len(out.x_unlabeled), set(out.x_labeled.ravel()) & set(out.x_unlabeled.ravel())
+    (9, set())
+  """
+  index = np.asarray(split.labeled_index)
+  if (index < 0).any():
+    raise ValueError(f"{split.name}: its labeled images come from another data set "
+                     "(labeled_index -1), so they cannot be left out of the unlabeled set; "
+                     "set dataset.unlabeled_excludes_labeled=False.")
+  keep = np.ones(len(split.x_unlabeled), bool)
+  keep[index] = False
+  return dataclasses.replace(
+      split, x_unlabeled=_readonly(np.asarray(split.x_unlabeled)[keep]),
+      y_unlabeled=_readonly(np.asarray(split.y_unlabeled)[keep]),
+      unlabeled_is_id=_readonly(np.asarray(split.unlabeled_is_id)[keep]))

@@ -6,7 +6,8 @@ from flax import linen as nn
 
 from ggr_jax.models.heads import OpenSetNet
 
-BACKBONES = ("cnn", "wrn28_2", "wrn28_8", "resnet18", "resnet18_official", "resnet50")
+BACKBONES = ("cnn", "wrn28_2", "wrn28_8", "resnet18", "resnet18_official", "resnet50",
+             "convlarge")
 
 
 def build_model(backbone: str, num_classes: int, head: str = "none",
@@ -19,7 +20,8 @@ def build_model(backbone: str, num_classes: int, head: str = "none",
   ResNet-18 (512 features), ``resnet18_official`` the official code's ``resnet18``
   (Bottleneck blocks, layers [2, 2, 2, 2], 2048 features), ``resnet50`` the standard
   ResNet-50 (ImageNet with 1% labels). ``wrn28_8`` is WRN-28-8, the closed-set
-  CIFAR-100 backbone of FixMatch.
+  CIFAR-100 backbone of FixMatch. ``convlarge`` is SemiMeta's 13-layer ConvLarge (channel
+  dropout: a train-mode forward needs a ``dropout`` rng).
   """
   if backbone == "cnn":
     from ggr_jax.models.cnn import SmallCNN  # pylint: disable=import-outside-toplevel
@@ -27,6 +29,9 @@ def build_model(backbone: str, num_classes: int, head: str = "none",
   elif backbone in ("wrn28_2", "wrn28_8"):
     from ggr_jax.models.wrn import WideResNet  # pylint: disable=import-outside-toplevel
     net = WideResNet(num_classes, widen_factor=int(backbone[-1]), bn_momentum=bn_momentum)
+  elif backbone == "convlarge":
+    from ggr_jax.models.convlarge import ConvLarge  # pylint: disable=import-outside-toplevel
+    net = ConvLarge(num_classes, bn_momentum=bn_momentum)
   elif backbone in ("resnet18", "resnet18_official", "resnet50"):
     from ggr_jax.models import resnet  # pylint: disable=import-outside-toplevel
     net = getattr(resnet, backbone)(num_classes, bn_momentum=bn_momentum)

@@ -1,4 +1,4 @@
-"""Conversion between official PyTorch GGR-IOMatch weights and ggr_jax Flax variables.
+"""Conversion between official PyTorch weights (GGR-IOMatch, SemiMeta) and Flax variables.
 
 The official ``GGRIOMatchNet(wrn_28_2(K))`` names (``named_parameters()`` and
 ``named_buffers()``) map onto ``OpenSetNet(WideResNet(K), K, head="iomatch")``:
@@ -31,7 +31,7 @@ PARAM_PREFIX = "param/"
 BUFFER_PREFIX = "buffer/"
 _BUFFER_LEAVES = {"running_mean": "mean", "running_var": "var"}
 _COUNT_LEAF = "num_batches_tracked"
-_INDEXED = re.compile(r"^(.*[A-Za-z])_(\d+)$")
+_INDEXED = re.compile(r"^(.*[^_])_(\d+)$")
 
 Path = tuple[str, ...]
 
@@ -114,7 +114,7 @@ def _template(model: nn.Module, in_channels: int) -> dict[tuple[str, ...], Any]:
 
 
 def official_to_flax(arrays: Mapping[str, np.ndarray], *, model: nn.Module | None = None,
-                     dtype: Any = None) -> dict[str, Any]:
+                     dtype: Any = None, in_channels: int | None = None) -> dict[str, Any]:
   """Flax variables ``{"params", "batch_stats"}`` from official PyTorch arrays.
 
   Args:
@@ -125,6 +125,8 @@ def official_to_flax(arrays: Mapping[str, np.ndarray], *, model: nn.Module | Non
     model: the Flax model to fill (default: :func:`default_model` with ``K`` read
       from ``backbone.fc.weight``).
     dtype: cast every array to this dtype (default: keep the input dtypes).
+    in_channels: the model's input channels (default: read from ``backbone.conv1.weight``,
+      else 3).
 
   Returns:
     Nested dicts of numpy arrays, ready for ``model.apply``.
@@ -162,8 +164,11 @@ def official_to_flax(arrays: Mapping[str, np.ndarray], *, model: nn.Module | Non
   if model is None:
     fc = arrays.get("backbone.fc.weight", arrays.get(PARAM_PREFIX + "backbone.fc.weight"))
     model = default_model(6 if fc is None else int(np.shape(fc)[0]))
-  stem = arrays.get("backbone.conv1.weight", arrays.get(PARAM_PREFIX + "backbone.conv1.weight"))
-  template = _template(model, 3 if stem is None else int(np.shape(stem)[1]))
+  if in_channels is None:
+    stem = arrays.get("backbone.conv1.weight",
+                      arrays.get(PARAM_PREFIX + "backbone.conv1.weight"))
+    in_channels = 3 if stem is None else int(np.shape(stem)[1])
+  template = _template(model, in_channels)
 
   missing = [official_name(flat[0], flat[1:]) for flat in template if flat not in converted]
   unexpected += [source[flat] for flat in converted if flat not in template]
@@ -190,4 +195,40 @@ def flax_to_official(tree: Mapping[str, Any], collection: str = "params") -> dic
   out = {}
   for path, value in traverse_util.flatten_dict(dict(tree)).items():
     out[official_name(collection, path)] = _to_official_layout(path[-1], np.asarray(value))
+  return out
+
+
+# SemiMeta's ConvLarge (``block<i>.<j>`` at the top level, classifier ``classifier.0``)
+_SEMIMETA_CLASSIFIER = "classifier.0."
+
+
+def semimeta_to_flax(arrays: Mapping[str, np.ndarray], num_classes: int, *,
+                     dtype: Any = None) -> dict[str, Any]:
+  """Flax variables of ``build_model("convlarge", K)`` from official SemiMeta ConvLarge
+  arrays (bare ``named_parameters()``/``named_buffers()`` names, PyTorch layout).
+
+  The official top-level modules move under ``backbone`` and ``classifier.0`` becomes
+  ``fc``; everything else is :func:`official_to_flax`.
+  """
+  from ggr_jax.models import build_model  # pylint: disable=import-outside-toplevel
+
+  renamed = {}
+  for name, value in arrays.items():
+    if name.startswith(_SEMIMETA_CLASSIFIER):
+      name = "fc." + name[len(_SEMIMETA_CLASSIFIER):]
+    renamed["backbone." + name] = value
+  weight = arrays.get("block1.0.weight")
+  return official_to_flax(renamed, model=build_model("convlarge", num_classes), dtype=dtype,
+                          in_channels=3 if weight is None else int(np.shape(weight)[1]))
+
+
+def flax_to_semimeta(tree: Mapping[str, Any], collection: str = "params") -> dict[str, np.ndarray]:
+  """Inverse of :func:`semimeta_to_flax` for one collection (or a params-shaped gradient):
+  ``{official SemiMeta name: array in PyTorch layout}``."""
+  out = {}
+  for name, value in flax_to_official(tree, collection).items():
+    name = name.removeprefix("backbone.")
+    if name.startswith("fc."):
+      name = _SEMIMETA_CLASSIFIER + name[len("fc."):]
+    out[name] = value
   return out

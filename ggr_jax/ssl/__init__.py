@@ -21,6 +21,7 @@ BUILTIN: dict[str, str] = {
     "ggcr": "ggr_jax.ssl.ggcr:GGCR",
     "iomatch_ggcr": "ggr_jax.ssl.ggcr:IOMATCH_GGCR",
     "openmatch_ggcr": "ggr_jax.ssl.ggcr:OPENMATCH_GGCR",
+    "metasemi": "ggr_jax.ssl.metasemi",
 }
 ALGORITHMS = tuple(BUILTIN)  # the built-in names
 _REGISTERED: dict[str, Algorithm] = {}

@@ -92,9 +92,10 @@ def per_sample_outputs(aux_terms: jax.Array, is_id: jax.Array | None) -> dict[st
 
 def ramp(step: jax.Array, start: int, length: int) -> jax.Array:
   """0 before ``start``, then linear to 1 over ``length`` steps (1 at once if length <= 0)."""
-  step = jnp.asarray(step, jnp.float32)
+  dtype = jnp.result_type(float)  # float64 under jax_enable_x64
+  step = jnp.asarray(step, dtype)
   if length <= 0:
-    return (step >= start).astype(jnp.float32)
+    return (step >= start).astype(dtype)
   return jnp.clip((step - start) / length, 0.0, 1.0)
 
 

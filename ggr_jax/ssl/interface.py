@@ -42,7 +42,13 @@ SOURCES = ("labeled", "unlabeled", "selected")
 @dataclasses.dataclass(frozen=True)
 class LossContext:
   """What a loss function may read. ``cfg`` is the algorithm's own config block;
-  ``state`` its :attr:`Algorithm.init_state` pytree as of this step."""
+  ``state`` its :attr:`Algorithm.init_state` pytree as of this step; ``learning_rate``
+  the optimizer's learning rate at this step (a scalar; ``None`` outside a run).
+
+  ``apply_fn(params, model_state, x, train, rng=None)``: a train-mode forward draws its
+  dropout from ``rng``, or, without one, from the step's dropout key (the same for every
+  such call of the step); pass distinct keys to forwards that need their own masks.
+  """
 
   apply_fn: ApplyFn
   params: Any
@@ -52,6 +58,7 @@ class LossContext:
   step: jax.Array
   cfg: ml_collections.ConfigDict
   state: Any = None
+  learning_rate: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -173,6 +180,10 @@ class Algorithm:
       field of the block (``field`` relative to the block).
     view_pair: the weak and strong view of the same unlabeled images, if it has them
       (:class:`ViewPair`; what a consistency regulariser such as GGCR works on).
+    check_run: ``(cfg, counts, fail) -> None``, constraints across the whole run config
+      ``cfg`` (``fail`` takes full field names), checked with ``counts = None`` when the
+      config is validated and again with ``counts = {"labeled": n, "unlabeled": n}`` once
+      the data is loaded, before anything compiles.
   """
 
   name: str
@@ -190,6 +201,8 @@ class Algorithm:
   protocols: tuple[str, ...] = PROTOCOLS
   validate: Callable[[ml_collections.ConfigDict, Callable], None] | None = None
   view_pair: ViewPair | None = None
+  check_run: Callable[[ml_collections.ConfigDict, Mapping[str, int] | None, Callable], None] \
+      | None = None
 
   def __post_init__(self):
     unknown = sorted(set(self.views) - set(SOURCES))

@@ -26,7 +26,7 @@ from ggr_jax import ssl
 from ggr_jax.data import augment
 from ggr_jax.models import build_model
 from ggr_jax.ssl.interface import Algorithm, EpochContext
-from ggr_jax.train import feeds, optim, step as step_lib
+from ggr_jax.train import config as config_lib, feeds, optim, step as step_lib
 from ggr_jax.train.state import TrainState, create_train_state, make_apply_fn
 
 
@@ -40,13 +40,14 @@ class DataSpec:
   num_unlabeled: int
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  num_labeled: int | None = None  # None: not known (no run-wide check of it)
 
   @classmethod
   def of_split(cls, split: Any) -> "DataSpec":
     """From an :class:`~ggr_jax.data.openset.OpenSetSplit`."""
     return cls(tuple(split.x_labeled.shape[1:]), int(split.num_classes),
                int(split.x_unlabeled.shape[0]), tuple(np.ravel(split.mean).tolist()),
-               tuple(np.ravel(split.std).tolist()))
+               tuple(np.ravel(split.std).tolist()), int(split.x_labeled.shape[0]))
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -143,6 +144,8 @@ def build(cfg: ml_collections.ConfigDict, data: DataSpec, mesh: Mesh | None = No
   """
   mesh = make_mesh() if mesh is None else mesh
   algorithm = ssl.get(cfg.algorithm)
+  if data.num_labeled is not None:
+    config_lib.check_run(cfg, {"labeled": data.num_labeled, "unlabeled": data.num_unlabeled})
   if model is None:
     model = build_model(cfg.model.backbone, data.num_classes, algorithm.head,
                         bn_momentum=cfg.model.bn_momentum)

@@ -93,6 +93,12 @@ def _dataset(cfg: ml_collections.ConfigDict) -> None:
   max_test = cfg.dataset.max_test_images
   if not isinstance(max_test, int) or isinstance(max_test, bool) or max_test < 0:
     _fail("dataset.max_test_images", max_test, "must be an integer >= 0 (0: every test image)")
+  excludes = cfg.dataset.get("unlabeled_excludes_labeled", False)
+  if not isinstance(excludes, bool):
+    _fail("dataset.unlabeled_excludes_labeled", excludes, "must be True or False")
+  if excludes and name == "imagenet":
+    _fail("dataset.unlabeled_excludes_labeled", excludes, "ImageNet's labeled subset is "
+          "another tfds data set, not rows of the unlabeled one: use False")
   if not isinstance(cfg.dataset.data_dir, str):
     _fail("dataset.data_dir", cfg.dataset.data_dir, "must be a path string ('' = default)")
 
@@ -105,6 +111,15 @@ def _algorithm(cfg: ml_collections.ConfigDict) -> None:
   if algo.validate is not None:
     algo.validate(cfg[algo.name], lambda field, value, allowed: _fail(
         f"{algo.name}.{field}", value, allowed))
+  check_run(cfg)
+
+
+def check_run(cfg: ml_collections.ConfigDict, counts: dict[str, int] | None = None) -> None:
+  """The algorithm's run-wide constraints (:attr:`Algorithm.check_run`); ``counts``: the
+  loaded data's labeled and unlabeled image counts (None before loading)."""
+  algo = ssl.get(cfg.algorithm)
+  if algo.check_run is not None:
+    algo.check_run(cfg, counts, _fail)
 
 
 def _optimizer(cfg: ml_collections.ConfigDict) -> None:
@@ -116,6 +131,22 @@ def _optimizer(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"{err} Fix it with --config.optim.name=...") from None
   if "kwargs" in cfg.optim and not isinstance(cfg.optim.kwargs, ml_collections.ConfigDict):
     _fail("optim.kwargs", cfg.optim.kwargs, "must be a ConfigDict of keyword arguments")
+  optim_cfg = cfg.optim
+  if optim_cfg.get("schedule", "usb_cosine") not in optim.SCHEDULES:
+    _choice(cfg, "optim.schedule", optim.SCHEDULES)
+  if optim_cfg.get("decay", "kernels") not in optim.DECAYS:
+    _choice(cfg, "optim.decay", optim.DECAYS)
+  if "schedule" in optim_cfg:
+    warmup = _get(cfg, "optim.warmup_steps")
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+      _fail("optim.warmup_steps", warmup, "must be an integer >= 0 (0: no warm-up)")
+    milestones = _get(cfg, "optim.milestones")
+    if not isinstance(milestones, (tuple, list)) or not all(
+        isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in milestones) or \
+        list(milestones) != sorted(set(milestones)):
+      _fail("optim.milestones", milestones, "must be increasing non-negative step numbers, "
+            "e.g. (300000, 350000)")
+    _number(cfg, "optim.decay_factor", 0.0, float("inf"), high_open=True)
 
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:

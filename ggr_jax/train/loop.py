@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from ggr_jax import evaluate, rundir
-from ggr_jax.data import imagenet30, imagenet_subset, tfds_sources
+from ggr_jax.data import imagenet30, imagenet_subset, openset, tfds_sources
 from ggr_jax.data.digits import digits_closed_split, digits_split
 from ggr_jax.data.openset import OpenSetSplit
 from ggr_jax.train import build as build_lib
@@ -106,6 +106,8 @@ def load_split(cfg: ml_collections.ConfigDict) -> OpenSetSplit:
                                         image_size=ds.image_size)
   else:
     raise config_lib.ConfigError(f"config.dataset.name = {ds.name!r} has no loader.")
+  if ds.get("unlabeled_excludes_labeled", False):
+    split = openset.exclude_labeled(split)
   if ds.max_test_images:
     split = dataclasses.replace(split, **_first_test_images(split, ds.max_test_images))
   return split

@@ -6,7 +6,8 @@ weight decay, then SGD with Nesterov momentum), ``adamw``, ``lion``, ``muon``
 ``optax.contrib.<name>``) with ``optim.kwargs`` passed on. Every optimizer runs on the
 learning-rate schedule of ``optim.lr`` and ``train.steps``.
 
-Weight decay (``optim.weight_decay``, on kernels only, see :func:`weight_decay_mask`):
+Weight decay (``optim.weight_decay``, on kernels only, see :func:`weight_decay_mask`, or on
+every parameter with ``optim.decay = "all"``):
 an optimizer that takes a decoupled ``weight_decay`` argument (AdamW, Lion, Muon)
 gets it there: ``p <- p - lr * (update + wd * p)`` after its own normalisation; any other
 (SGD included) gets coupled L2, ``g + wd * p`` before the optimizer, as officially.
@@ -25,6 +26,10 @@ import optax
 import ggr_jax
 
 NAMED = ("sgd", "adamw", "lion", "muon")
+# usb_cosine: the official GGR/USB cosine; warmup_step: linear warm-up then step decay
+# (SemiMeta on SVHN/CIFAR); warmup_cosine: linear warm-up then half-cosine (SemiMeta ImageNet)
+SCHEDULES = ("usb_cosine", "warmup_step", "warmup_cosine")
+DECAYS = ("kernels", "all")
 # The keyword each optimizer takes its decay mask under, where it decays decoupled.
 _DECOUPLED_MASK = {"adamw": "mask", "lion": "mask", "muon": "weight_decay_mask"}
 
@@ -42,14 +47,41 @@ def usb_cosine_schedule(lr: float, total_steps: int, cycles: float = 7 / 16) -> 
   return schedule
 
 
+def warmup_step_schedule(lr: float, warmup_steps: int, milestones, factor: float) -> Callable:
+  """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then ``lr * factor**k`` with
+  ``k = #{m in milestones : step > m}`` (SemiMeta's ``0.1 * step / 4000``, then x0.1 after
+  300k and 350k steps; note the strict ``>``)."""
+  decay = optax.piecewise_constant_schedule(lr, {int(m) + 1: factor for m in milestones})
+  if warmup_steps <= 0:
+    return decay
+  warmup = optax.linear_schedule(0.0, lr, warmup_steps)
+  return lambda count: jnp.where(count < warmup_steps, warmup(count), decay(count))
+
+
 def learning_rate(cfg: ml_collections.ConfigDict) -> Callable:
-  """The run's learning-rate schedule."""
-  return usb_cosine_schedule(cfg.optim.lr, cfg.train.steps)
+  """The run's learning-rate schedule, ``optim.schedule`` (see :data:`SCHEDULES`)."""
+  optim, steps = cfg.optim, cfg.train.steps
+  kind = optim.get("schedule", "usb_cosine")
+  if kind == "usb_cosine":
+    return usb_cosine_schedule(optim.lr, steps)
+  if kind == "warmup_step":
+    return warmup_step_schedule(optim.lr, optim.warmup_steps, optim.milestones,
+                                optim.decay_factor)
+  if kind == "warmup_cosine":  # linear warm-up, then lr * (1 + cos(pi t / T)) / 2 to 0
+    return optax.warmup_cosine_decay_schedule(0.0, optim.lr, max(optim.warmup_steps, 1),
+                                              max(steps, optim.warmup_steps + 1))
+  raise ValueError(f"optim.schedule = {kind!r}; choose one of {SCHEDULES}.")
 
 
 def weight_decay_mask(params: Any) -> Any:
   """Decay only tensors of rank > 1 (conv and dense kernels), like the official rule."""
   return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def decay_mask(optim: ml_collections.ConfigDict) -> Callable[[Any], Any] | None:
+  """``optim.decay``: ``"kernels"`` (:func:`weight_decay_mask`) or ``"all"`` (every
+  parameter, BatchNorm and biases included, as ``torch.optim.SGD(weight_decay=...)``)."""
+  return None if optim.get("decay", "kernels") == "all" else weight_decay_mask
 
 
 def scope_fn(ggr: ml_collections.ConfigDict) -> Callable[[Any], Any]:
@@ -97,10 +129,10 @@ def make_base_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransfo
   factory = optimizer_factory(optim.name)
   params = _parameters(factory)
   mask_key = _DECOUPLED_MASK.get(optim.name, "mask" if "mask" in params else None)
+  mask = decay_mask(optim)
   if "weight_decay" in params and mask_key in params and "weight_decay" not in kwargs:
-    return factory(schedule, weight_decay=optim.weight_decay,
-                   **{mask_key: weight_decay_mask}, **kwargs)
-  return optax.chain(optax.add_decayed_weights(optim.weight_decay, mask=weight_decay_mask),
+    return factory(schedule, weight_decay=optim.weight_decay, **{mask_key: mask}, **kwargs)
+  return optax.chain(optax.add_decayed_weights(optim.weight_decay, mask=mask),
                      factory(schedule, **kwargs))
 
 

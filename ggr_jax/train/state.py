@@ -28,13 +28,20 @@ class TrainState:
   algo_state: Any
 
 
-def make_apply_fn(model: nn.Module) -> Callable:
-  """``apply_fn(params, batch_stats, x, train) -> (outputs, new_batch_stats)``."""
+def make_apply_fn(model: nn.Module, dropout_key: jax.Array | None = None) -> Callable:
+  """``apply_fn(params, batch_stats, x, train, rng=None) -> (outputs, new_batch_stats)``.
 
-  def apply_fn(params, batch_stats, x, train):
+  A train-mode forward draws dropout (models that have it) from ``rng``, else from
+  ``dropout_key``; eval mode draws nothing.
+  """
+
+  def apply_fn(params, batch_stats, x, train, rng=None):
     variables = {"params": params, "batch_stats": batch_stats}
     if train:
-      outputs, mutated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+      key = dropout_key if rng is None else rng
+      rngs = {} if key is None else {"dropout": key}
+      outputs, mutated = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                                     rngs=rngs)
       return outputs, mutated["batch_stats"]
     return model.apply(variables, x, train=False), batch_stats
 

@@ -122,7 +122,6 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
   batch) or the raw batch of this step (``"stream"``: :class:`ggr_jax.data.stream.HostStream`).
   """
   algo, algo_cfg = ssl.get(cfg.algorithm), algorithm_config(cfg)
-  apply_fn = make_apply_fn(model)
   views = make_augment_views(cfg, mean, std, mesh)
   schedule = optim.learning_rate(cfg)
   ema_keep = cfg.optim.ema
@@ -141,17 +140,19 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
                                                  source_mask(algo, state.algo_state))
     batch = views(key, state.step, raw)
     rng = jax.random.fold_in(jax.random.fold_in(state.key, 2), state.step)
+    step_apply = make_apply_fn(model, dropout_key=jax.random.fold_in(rng, 3))
 
     def anchor_grad(batch):
       # The supervised gradient of a forward of the labeled views alone; the BatchNorm
       # statistics it computes are discarded (the joint forward's are kept).
-      sup_only = lambda p: ssl.labeled_loss(cfg.algorithm, apply_fn, p, state.batch_stats,
+      sup_only = lambda p: ssl.labeled_loss(cfg.algorithm, step_apply, p, state.batch_stats,
                                             batch, algo_cfg)[0]
       return jax.grad(sup_only)(state.params)
 
     def loss_fn(params):
-      out = algo.losses(LossContext(apply_fn, params, state.batch_stats, batch, rng, state.step,
-                                    algo_cfg, state.algo_state))
+      out = algo.losses(LossContext(step_apply, params, state.batch_stats, batch, rng,
+                                    state.step, algo_cfg, state.algo_state,
+                                    learning_rate=schedule(state.step)))
       sup, aux = out.sup, out.aux
       metrics = {**out.metrics, **loss_metrics(out)}
       terms = out.sample_aux
