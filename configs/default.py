@@ -13,7 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
   cfg.algorithm = "fixmatch"
 
-  # name: digits (embedded), cifar10, cifar100 (num_id_classes 50 or 20), imagenet30
+  # name: digits (embedded), cifar10, cifar100 (num_id_classes 50 or 20), svhn (tfds
+  # svhn_cropped, closed-set), imagenet30
   # (in30_labels p1 or p5, images resized to image_size), imagenet (tfds
   # imagenet2012_subset/<imagenet_subset>, closed-set, streamed). protocol: "openset"
   # (id_classes known, the rest OOD) or "closed" (every class known; closed-set SSL, top-1

@@ -5,15 +5,26 @@
 Keys (all optional; defaults in brackets):
 
 * ``algorithm`` [fixmatch]: ``supervised``, ``fixmatch``, ``iomatch``, ``openmatch``,
-  ``ggcr`` (FixMatch + gradient consistency), ``iomatch_ggcr``, ``openmatch_ggcr``.
+  ``ggcr`` (FixMatch + gradient consistency), ``iomatch_ggcr``, ``openmatch_ggcr``,
+  ``metasemi`` (meta-gradient pseudo-labels with mixup).
 * ``dataset`` [digits]: open-set ``digits`` (6/4), ``cifar10`` (6/4), ``cifar100_50``
   (50/50), ``cifar100_20`` (20/80), ``imagenet30`` (20/10); closed-set (every class
   known, top-1/top-5) ``digits_closed``, ``cifar10_closed``, ``cifar100_closed``,
-  ``imagenet`` (ResNet-50, streamed from tfds).
+  ``svhn_closed``, ``imagenet`` (ResNet-50, streamed from tfds).
 * ``labels`` [5; 4 closed-set]: labeled images per known class (open-set CIFAR: 5, 10
   or 25; closed-set CIFAR-10 4/25/400 for 40/250/4000 labels, CIFAR-100 4/25 for
   400/2500); for ``imagenet30`` the official file list, ``p1`` or ``p5``; for
   ``imagenet`` the tfds subset, ``1pct`` or ``10pct``.
+* ``meta`` [jvp]: MetaSemi's pseudo-labels, ``jvp``, ``finite_difference`` (official) or
+  ``off`` (the eval-mode predictions); ``mixup`` [True]: its cross-domain mixup. With
+  ``algorithm=metasemi`` the data set [digits_closed] follows SemiMeta's protocol instead
+  of FixMatch's: ConvLarge, batch 128 + 128, 400k steps, SGD (momentum 0.9, no Nesterov,
+  weight decay 1e-4 on every parameter, 5e-5 on SVHN), learning rate 0.1 with a 4,000-step
+  warm-up then x0.1 after 300k and 350k, no EMA, the unlabeled set without the labeled
+  images, crop (and flip, not on SVHN) augmentation, mixup Beta(1, 1) (0.1 on SVHN);
+  ``labels`` [10, 100, 400, 100] per class on digits, SVHN, CIFAR-10, CIFAR-100 (1,000,
+  4,000 and 10,000 labels); ImageNet [10pct]: ResNet-18, 8 x (64 + 64), 600 epochs, 5
+  warm-up epochs then cosine, no ramp.
 * ``gc_method`` [exact], ``gc_weight`` [0.1], ``gc_warmup`` [1000]: the GGCR
   algorithms' per-sample method (``exact``, ``sketch``, ``vmap``), lambda and the steps
   before ``L_g`` starts (0: no warm-up); ``gc_sketch`` [64]: ``k`` of ``sketch``.
@@ -66,13 +77,17 @@ import ml_collections
 from ggr_jax.configs import default
 
 KEYS = ("algorithm", "dataset", "labels", "seed", "ggr", "anchor", "scope", "baseline",
-        "gc_method", "gc_weight", "gc_warmup", "gc_sketch", "runlocal")
+        "gc_method", "gc_weight", "gc_warmup", "gc_sketch", "meta", "mixup", "runlocal")
 OPEN_SET = ("digits", "cifar10", "cifar100_50", "cifar100_20", "imagenet30")
-CLOSED_SET = ("digits_closed", "cifar10_closed", "cifar100_closed", "imagenet")
+CLOSED_SET = ("digits_closed", "cifar10_closed", "cifar100_closed", "svhn_closed", "imagenet")
 DATASETS = OPEN_SET + CLOSED_SET
 MODES = ("sum", "vlr", "osr", "csr", "pcgrad_sym", "conflict_drop")
 ALGORITHMS = ("supervised", "fixmatch", "iomatch", "openmatch", "ggcr", "iomatch_ggcr",
-              "openmatch_ggcr")
+              "openmatch_ggcr", "metasemi")
+META = ("jvp", "finite_difference", "off")
+# MetaSemi's labels per class by data set (the paper's 1,000 / 4,000 / 10,000 labels)
+METASEMI_LABELS = {"digits_closed": "10", "svhn_closed": "100", "cifar10_closed": "400",
+                   "cifar100_closed": "100", "imagenet": "10pct"}
 GC_METHODS = ("exact", "sketch", "vmap")
 EPOCH = 1024  # official iterations per epoch
 
@@ -196,6 +211,44 @@ def _consistency(cfg: ml_collections.ConfigDict, cell: dict[str, str], algorithm
     raise ValueError(f"grid gc_weight={weight!r} must be a number (lambda).") from None
 
 
+def _metasemi(cfg: ml_collections.ConfigDict, cell: dict[str, str], dataset: str) -> None:
+  """SemiMeta's own protocol (``train_meta.py`` and its README commands), and the
+  ``meta``/``mixup`` keys of its ablation, refused for other algorithms."""
+  keys = [key for key in ("meta", "mixup") if key in cell]
+  if cfg.algorithm != "metasemi":
+    if keys:
+      raise ValueError(f"grid {', '.join(keys)} apply to algorithm=metasemi, not to "
+                       f"algorithm={cfg.algorithm}.")
+    return
+  block = cfg.metasemi
+  meta = _choice(cell, "meta", "jvp", META)
+  block.update(meta=meta != "off", method="jvp" if meta == "off" else meta,
+               mixup=_boolean(cell, "mixup") if "mixup" in cell else True)
+  cfg.dataset.unlabeled_excludes_labeled = dataset != "imagenet"
+  cfg.optim.update(name="sgd", lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
+                   decay="all", ema=0.0, schedule="warmup_step", warmup_steps=4000,
+                   milestones=(300_000, 350_000), decay_factor=0.1)
+  if dataset.startswith("digits"):  # configs/metasemi.py, the schedule scaled to 2,000 steps
+    steps = cfg.train.steps
+    cfg.train.update(batch_size=32, uratio=1)
+    cfg.optim.update(warmup_steps=steps // 100, milestones=(steps * 3 // 4, steps * 7 // 8))
+    block.ramp_steps = steps // 100
+    return
+  cfg.train.update(steps=400_000, batch_size=128, uratio=1)
+  cfg.model.update(backbone="convlarge", bn_momentum=0.1)
+  cfg.augment.update(pad=4, flip=dataset != "svhn_closed")
+  block.ramp_steps = 4000
+  if dataset == "svhn_closed":
+    cfg.optim.weight_decay = 5e-5
+    block.mixup_alpha = 0.1
+  if dataset == "imagenet":  # ResNet-18, 8 GPUs x (64 + 64), 600 epochs of the unlabeled set
+    epoch = 1_281_167 // 512
+    cfg.model.backbone = "resnet18"
+    cfg.train.update(batch_size=512, steps=600 * epoch, steps_per_epoch=epoch)
+    cfg.optim.update(schedule="warmup_cosine", warmup_steps=5 * epoch, milestones=())
+    block.ramp_steps = 0
+
+
 def _official_baseline(cfg: ml_collections.ConfigDict, algorithm: str, dataset: str) -> None:
   """The official IOMatch/OpenMatch baseline configs' settings where they differ."""
   if dataset == "imagenet30" and algorithm in ("iomatch", "openmatch"):  # not their GGCR forms
@@ -218,18 +271,26 @@ def _runlocal(cfg: ml_collections.ConfigDict) -> None:
       block.op_warmup_steps = 1
     if "consistency" in block:
       block.consistency.warmup_steps = 1
+  if cfg.algorithm == "metasemi":
+    cfg.train.uratio = 1
+    cfg.metasemi.ramp_steps = 1
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The config of one grid cell; see the module docstring for the keys."""
   cell = parse_cell(arg)
   algorithm = _choice(cell, "algorithm", "fixmatch", ALGORITHMS)
-  dataset = _choice(cell, "dataset", "digits", DATASETS)
+  dataset = _choice(cell, "dataset", "digits_closed" if algorithm == "metasemi" else "digits",
+                    DATASETS)
   fixed_lists = {"imagenet30": ("p1", "p5"), "imagenet": ("1pct", "10pct")}
   if dataset in fixed_lists:
     labels = _choice(cell, "labels", fixed_lists[dataset][0], fixed_lists[dataset])
+  elif algorithm == "metasemi" and dataset in METASEMI_LABELS:
+    labels = str(_integer(cell, "labels", int(METASEMI_LABELS[dataset])))
   else:
     labels = str(_integer(cell, "labels", 4 if dataset in CLOSED_SET else 5))
+  if algorithm == "metasemi" and dataset == "imagenet":
+    labels = _choice(cell, "labels", METASEMI_LABELS[dataset], fixed_lists[dataset])
 
   cfg = default.get_config()
   _dataset_protocol(cfg, dataset, labels)
@@ -244,6 +305,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if "start_fix_steps" in cfg[algorithm]:
     cfg.ggr.start_step = cfg[algorithm].get_ref("start_fix_steps")
   _consistency(cfg, cell, algorithm)
+  _metasemi(cfg, cell, dataset)
   if _choice(cell, "baseline", "shared", ("shared", "official")) == "official":
     if cfg.ggr.mode != "sum":
       raise ValueError("grid baseline=official sets the official baseline configs' "

@@ -21,6 +21,7 @@ def get_config():
   cfg = default.get_config()
   cfg.algorithm = "metasemi"
   cfg.dataset.update(protocol="closed", labels_per_class=10, unlabeled_excludes_labeled=True)
+  cfg.optim.ema = 0.0  # no EMA officially: evaluation uses the trained weights
   cfg.ggr.mode = "sum"
   cfg.train.update(batch_size=32, uratio=1)
   steps = cfg.train.steps

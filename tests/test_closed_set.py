@@ -63,11 +63,11 @@ def test_closed_set_metrics_agree_with_a_direct_count():
   assert "top5_acc" not in evaluate.closed_set_metrics(logits[:, :5], labels % 5, 5)
 
 
-@pytest.mark.parametrize("name, k", [("cifar10", 10), ("cifar100", 100)])
+@pytest.mark.parametrize("name, k", [("cifar10", 10), ("cifar100", 100), ("svhn_cropped", 10)])
 def test_closed_cifar_from_tfds_mock_data(name, k):
   with _mock(1200 if k == 10 else 2500):
     raw = tfds_sources.load_tfds_arrays(name)
-    loader = getattr(tfds_sources, f"{name}_closed_split")
+    loader = getattr(tfds_sources, f"{name.removesuffix('_cropped')}_closed_split")
     split = loader(labels_per_class=2, seed=0)
   assert split.name == f"{name}_closed"
   _check_closed(split, *raw, labels_per_class=2)

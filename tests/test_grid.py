@@ -108,6 +108,9 @@ def test_each_dataset_gets_its_official_protocol(cell, field, value):
 @pytest.mark.parametrize("cell, message", [
     ("algorithm=mixmatch", "choose one of supervised"),
     ("dataset=svhn", "choose one of digits"),
+    ("algorithm=fixmatch,meta=jvp", "apply to algorithm=metasemi"),
+    ("algorithm=metasemi,meta=exact", "choose one of jvp, finite_difference, off"),
+    ("algorithm=metasemi,mixup=sometimes", "True or False"),
     ("labels=five", "non-negative integer"),
     ("dataset=imagenet30,labels=5", "choose one of p1, p5"),
     ("seed=0,seed=1", "given twice"),
@@ -156,9 +159,9 @@ def test_smoke_mode_runs_a_cifar_cell_on_mock_tfds_data(tmp_path, dataset, algor
   assert len(summary["closed_per_class_acc"]) == k
 
 
-def test_every_closed_set_ggcr_cell_is_a_valid_config():
+def test_every_closed_set_ggcr_and_metasemi_cell_is_a_valid_config():
   for dataset, algorithm, mode in itertools.product(
-      grid.CLOSED_SET, ("supervised", "fixmatch", "ggcr"), ("sum", "vlr")):
+      grid.CLOSED_SET, ("supervised", "fixmatch", "ggcr", "metasemi"), ("sum", "vlr")):
     if algorithm == "supervised" and mode != "sum":
       continue
     cfg = grid.get_config(f"algorithm={algorithm},dataset={dataset},ggr={mode}")
@@ -176,6 +179,34 @@ def _closed_smoke(tmp_path, cell):
 
 def test_smoke_mode_runs_a_closed_digits_ggcr_cell_with_the_rectifier(tmp_path):
   _closed_smoke(tmp_path, "algorithm=ggcr,dataset=digits_closed,ggr=vlr")
+
+
+@pytest.mark.parametrize("cell, field, value", [
+    ("algorithm=metasemi,dataset=svhn_closed", "dataset.labels_per_class", 100),
+    ("algorithm=metasemi,dataset=svhn_closed", "metasemi.mixup_alpha", 0.1),
+    ("algorithm=metasemi,dataset=svhn_closed", "augment.flip", False),
+    ("algorithm=metasemi,dataset=cifar10_closed", "dataset.labels_per_class", 400),
+    ("algorithm=metasemi,dataset=cifar10_closed", "model.backbone", "convlarge"),
+    ("algorithm=metasemi,dataset=cifar10_closed", "optim.milestones", (300_000, 350_000)),
+    ("algorithm=metasemi,dataset=cifar100_closed", "optim.weight_decay", 1e-4),
+    ("algorithm=metasemi,dataset=cifar100_closed", "dataset.unlabeled_excludes_labeled", True),
+    ("algorithm=metasemi,dataset=imagenet", "dataset.imagenet_subset", "10pct"),
+    ("algorithm=metasemi,dataset=imagenet", "optim.schedule", "warmup_cosine"),
+    ("algorithm=metasemi,dataset=imagenet", "metasemi.ramp_steps", 0),
+    ("algorithm=metasemi,meta=off,mixup=False", "metasemi.meta", False),
+    ("algorithm=metasemi,meta=finite_difference", "metasemi.method", "finite_difference"),
+])
+def test_metasemi_cells_follow_semimeta_protocol(cell, field, value):
+  node = grid.get_config(cell)
+  for part in field.split("."):
+    node = node[part]
+  assert node == value
+
+
+def test_smoke_mode_runs_a_closed_svhn_metasemi_cell_on_mock_tfds_data(tmp_path):
+  with tfds.testing.mock_data(num_examples=400, policy=tfds.testing.MockPolicy.USE_CODE):
+    summary = _closed_smoke(tmp_path, "algorithm=metasemi,dataset=svhn_closed,labels=2,ggr=vlr")
+  assert len(summary["closed_per_class_acc"]) == 10
 
 
 def test_smoke_mode_runs_a_closed_imagenet_cell_on_mock_tfds_data(tmp_path):

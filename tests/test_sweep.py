@@ -297,8 +297,10 @@ def test_sweep_trains_then_skips_done_cells_and_resumes_an_interrupted_one(
 
 
 @pytest.mark.parametrize("spec", ["experiments/sweeps/digits_closed_ggcr.py",
-                                  "experiments/sweeps/ggcr_paper.py"])
-def test_the_ggcr_experiment_specs_are_valid_configs(spec):
+                                  "experiments/sweeps/ggcr_paper.py",
+                                  "experiments/sweeps/digits_closed_metasemi.py",
+                                  "experiments/sweeps/metasemi_paper.py"])
+def test_the_closed_set_experiment_specs_are_valid_configs(spec):
   from ggr_jax.sweep import spec as spec_lib  # pylint: disable=import-outside-toplevel
   from ggr_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
   root = pathlib.Path(__file__).resolve().parents[1]

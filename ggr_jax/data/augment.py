@@ -49,6 +49,9 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 CIFAR100_MEAN = (129.3 / 255, 124.1 / 255, 112.4 / 255)
 CIFAR100_STD = (68.2 / 255, 65.4 / 255, 70.4 / 255)
+# SVHN (svhn_cropped train split), as the closed-set SSL codebases normalise it
+SVHN_MEAN = (0.4377, 0.4438, 0.4728)
+SVHN_STD = (0.1980, 0.2010, 0.1970)
 
 
 def normalize(images: ArrayLike, mean: Sequence[float], std: Sequence[float]) -> jax.Array:

@@ -1,4 +1,4 @@
-"""CIFAR-10 and CIFAR-100 open-set splits read through ``tensorflow_datasets``.
+"""CIFAR-10, CIFAR-100 and SVHN splits read through ``tensorflow_datasets``.
 
 The data come from ``tfds.data_source`` (random access to ``array_record`` files), so
 TensorFlow is never imported. The dataset must already be prepared in array_record
@@ -7,6 +7,7 @@ format; nothing is downloaded here. On a machine with network access and TensorF
 
   tfds build cifar10 --data_dir=DIR --file_format=array_record
   tfds build cifar100 --data_dir=DIR --file_format=array_record
+  tfds build svhn_cropped --data_dir=DIR --file_format=array_record
 
 and pass ``data_dir=DIR`` (default: ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``).
 
@@ -18,7 +19,8 @@ Splits (official protocol, see :mod:`ggr_jax.data.openset`):
 * Closed-set CIFAR-10 and CIFAR-100 (:func:`cifar10_closed_split`,
   :func:`cifar100_closed_split`): every class known, normalised by each data set's own
   statistics as the closed-set SSL codebases do; 40/250/4000 labels on CIFAR-10 are
-  ``labels_per_class`` 4/25/400, 400/2500 on CIFAR-100 are 4/25.
+  ``labels_per_class`` 4/25/400, 400/2500 on CIFAR-100 are 4/25. Closed-set SVHN
+  (:func:`svhn_closed_split`, tfds ``svhn_cropped``) likewise; 1,000 labels are 100.
 * CIFAR-100 K/(100-K): ID = the 5 fine classes of each of the first K/5 superclasses
   in coarse-label order (:data:`CIFAR100_SUPERCLASSES`), ascending fine id, so 50/50
   takes superclasses 0-9 and 20/80 superclasses 0-3. CIFAR-100 normalisation
@@ -42,7 +44,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from ggr_jax.data.augment import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD,
-                                  IMAGENET_MEAN, IMAGENET_STD)
+                                  IMAGENET_MEAN, IMAGENET_STD, SVHN_MEAN, SVHN_STD)
 from ggr_jax.data.openset import OpenSetSplit, make_closed_split, make_openset_split
 
 CIFAR10_ID_CLASSES = (2, 3, 4, 5, 6, 7)
@@ -229,6 +231,13 @@ def cifar100_closed_split(*, labels_per_class: int, seed: int,
                           data_dir: str | os.PathLike | None = None) -> OpenSetSplit:
   """Closed-set CIFAR-100 (``"cifar100_closed"``): all 100 fine classes."""
   return _closed("cifar100", CIFAR100_MEAN, CIFAR100_STD, labels_per_class, seed, data_dir)
+
+
+def svhn_closed_split(*, labels_per_class: int, seed: int,
+                      data_dir: str | os.PathLike | None = None) -> OpenSetSplit:
+  """Closed-set SVHN (``"svhn_cropped_closed"``, tfds ``svhn_cropped``): 10 digits, the
+  73,257 train images (not ``extra``), 1,000 labels = ``labels_per_class`` 100."""
+  return _closed("svhn_cropped", SVHN_MEAN, SVHN_STD, labels_per_class, seed, data_dir)
 
 
 def _closed(name: str, mean: Sequence[float], std: Sequence[float], labels_per_class: int,

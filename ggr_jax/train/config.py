@@ -15,11 +15,11 @@ from ggr_jax.models import BACKBONES
 from ggr_jax.ssl.interface import PROTOCOLS
 from ggr_jax.train import optim, step as step_lib
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet30", "imagenet")
+DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagenet30", "imagenet")
 # the protocols (ggr_jax.ssl.interface.PROTOCOLS) each data set has (ImageNet-30 is
 # open-set, ImageNet's 1%/10% closed)
 DATASET_PROTOCOLS = {"digits": PROTOCOLS, "cifar10": PROTOCOLS, "cifar100": PROTOCOLS,
-                     "imagenet30": ("openset",), "imagenet": ("closed",)}
+                     "svhn": ("closed",), "imagenet30": ("openset",), "imagenet": ("closed",)}
 ANCHORS = ("joint", "labeled")
 SCOPES = ("backbone", "all")
 

@@ -83,9 +83,10 @@ def load_split(cfg: ml_collections.ConfigDict) -> OpenSetSplit:
   elif ds.name == "digits":
     split = digits_split(id_classes=tuple(ds.id_classes), labels_per_class=ds.labels_per_class,
                          seed=seed, test_fraction=ds.test_fraction)
-  elif ds.name in ("cifar10", "cifar100") and closed:
+  elif ds.name in ("cifar10", "cifar100", "svhn") and closed:
     loader = {"cifar10": tfds_sources.cifar10_closed_split,
-              "cifar100": tfds_sources.cifar100_closed_split}[ds.name]
+              "cifar100": tfds_sources.cifar100_closed_split,
+              "svhn": tfds_sources.svhn_closed_split}[ds.name]
     split = loader(labels_per_class=ds.labels_per_class, seed=seed, data_dir=data_dir)
   elif ds.name == "cifar10":
     split = tfds_sources.cifar10_split(labels_per_class=ds.labels_per_class, seed=seed,
