@@ -4,7 +4,9 @@ The baseline ``sum`` is the plain semi-supervised step (one backward pass of
 ``sup + aux``); ``sum_split`` computes both gradients without projecting, which
 isolates the cost of the second backward pass from the cost of the geometry; the
 ``*_labeled`` variants take the anchor from a forward and backward of the labeled views
-alone (``ggr.anchor="labeled"``).
+alone (``ggr.anchor="labeled"``). For ``metasemi`` the ``meta_*`` variants time the
+meta pass: ``meta_off`` (no meta pass; the base of the ratios when listed first),
+``meta_jvp`` and ``meta_fd`` (the official finite difference).
 Compilation is timed apart; then ``warmup`` steps, then ``steps`` steps each timed to
 ``block_until_ready`` (median and 10/90th percentiles). The step function must not
 recompile inside the loop: its jit cache size is checked and reported. Peak device
@@ -54,10 +56,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ggcr_fast": dict(mode="sum", split_gradients=False, consistency=dict(method="exact")),
     "ggcr_sketch_k64": dict(mode="sum", split_gradients=False,
                             consistency=dict(method="sketch", sketch_dim=64)),
+    # MetaSemi (algorithm metasemi): the plain consistency step (the eval-mode predictions
+    # as targets: no meta pass), then the meta pass by JVP and by the official central
+    # difference; the ratio is to meta_off when it is listed first
+    "meta_off": dict(mode="sum", split_gradients=False, block=dict(meta=False)),
+    "meta_jvp": dict(mode="sum", split_gradients=False, block=dict(meta=True, method="jvp")),
+    "meta_fd": dict(mode="sum", split_gradients=False,
+                    block=dict(meta=True, method="finite_difference")),
 }
 
 
-DEFAULT_VARIANTS = tuple(v for v in VARIANTS if not v.startswith("ggcr_"))  # the GGR ones
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if not v.startswith(("ggcr_", "meta_")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +90,9 @@ WORKLOADS = {
     "resnet18_in30": Workload("resnet18", (256, 256, 3), 64, 3, num_classes=20, crop=224,
                               rows=8_000),
     "tiny": Workload("cnn", (8, 8, 1), 8, 1),
+    # SemiMeta's: ConvLarge, 128 labeled + 128 unlabeled CIFAR-sized images
+    "convlarge_paper": Workload("convlarge", (32, 32, 3), 128, 1, num_classes=10),
+    "convlarge_cpu": Workload("convlarge", (32, 32, 3), 16, 1, num_classes=10),
 }
 
 
@@ -109,6 +121,12 @@ def _config(algorithm: str, work: Workload, variant: dict[str, Any]):
   if consistency is not None:
     cfg.algorithm = ggcr.COMPOSITIONS[algorithm]
     cfg[cfg.algorithm].consistency.update(dict(warmup_steps=0, **consistency))
+  block = variant.pop("block", None)
+  if block is not None:
+    if not set(block) <= set(cfg[cfg.algorithm]):
+      raise ValueError(f"variant settings {sorted(block)} are not fields of algorithm "
+                       f"{cfg.algorithm!r}; the meta_* variants are metasemi's.")
+    cfg[cfg.algorithm].update(block)
   cfg.ggr.update(variant)
   return cfg
 
@@ -207,7 +225,7 @@ def run(workloads: list[str], algorithms: list[str], variants: list[str], steps:
       base = None
       for vname in variants:
         figures = time_step(algorithm, work, VARIANTS[vname], steps, warmup)
-        if vname == "sum":
+        if vname == "sum" or (vname == "meta_off" and base is None):
           base = figures
         row = {"workload": wname, "algorithm": algorithm, "variant": vname,
                "workload_config": dataclasses.asdict(work), "variant_config": VARIANTS[vname],

@@ -13,6 +13,7 @@ skipping finished and resuming interrupted ones) and writes the report (``ggr_ja
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Sequence
 
@@ -30,15 +31,35 @@ def _parse_train_flags(argv: list[str]) -> tuple[Any, str | None]:
   values = flags.FlagValues()
   try:
     full_argv = configs.define_config_flag(values, argv)
-  except configs.UnknownConfig as err:
-    raise SystemExit(f"ggr-jax: {err}") from err
-  flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, summary)",
-                      flag_values=values)
-  try:
+    flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, summary)",
+                        flag_values=values)
     values(full_argv)
-  except flags.Error as err:
-    raise SystemExit(f"ggr-jax train: {err}") from err
+  except configs.UnknownConfig as err:
+    raise SystemExit(f"ggr-jax: {err}") from None
+  except (AttributeError, KeyError) as err:  # an override of a field the config lacks
+    raise SystemExit(f"ggr-jax train: {_unknown_field(argv, err)}") from None
+  except (flags.Error, ValueError, TypeError) as err:  # a bad value, a bad grid: key
+    raise SystemExit(f"ggr-jax train: {_one_line(err)}") from None
   return values.config, values.workdir
+
+
+def _one_line(err: Exception) -> str:
+  """``err``'s message; a config file's error that absl wraps with its traceback becomes
+  the wrapping's first line and the error itself."""
+  text = str(err).strip()
+  if "Traceback (most recent call last)" not in text:
+    return text
+  lines = [line for line in text.splitlines() if line.strip()]
+  return f"{lines[0].removesuffix(':')}: {lines[-1]}"
+
+
+def _unknown_field(argv: list[str], err: Exception) -> str:
+  """The message for a ``--config.a.b=...`` naming a field the config does not have."""
+  name = str(err).strip("'\"")
+  overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  flag = next((o for o in overrides if name in o.split(".")), f"--config...{name}")
+  return (f"{flag} names a field the config does not have ({name!r}); check its spelling "
+          "against the config file (configs/default.py lists every field).")
 
 
 def _default_workdir(cfg) -> str:
@@ -77,6 +98,7 @@ def train_main(argv: list[str]) -> int:
   from ggr_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
   from ggr_jax.train import distributed  # pylint: disable=import-outside-toplevel
   from ggr_jax.train import loop  # pylint: disable=import-outside-toplevel
+  from ggr_jax.train.checkpoint import CheckpointWriteError  # pylint: disable=import-outside-toplevel
 
   argv, multi_process = _split_distributed_flags(argv)
   cfg, workdir = _parse_train_flags(argv)
@@ -84,6 +106,13 @@ def train_main(argv: list[str]) -> int:
   try:
     distributed.initialize(**multi_process)
     summary = loop.train(cfg, workdir)
+  except CheckpointWriteError as err:
+    print(f"ggr-jax train: {err}", file=sys.stderr, flush=True)
+    if __name__ == "__main__" or sys.argv[0].endswith("ggr-jax"):
+      # orbax's failed writer threads would print their tracebacks at exit, after this
+      # line; everything of this run is closed or on disk already
+      os._exit(2)  # pylint: disable=protected-access
+    return 2
   except (config_lib.ConfigError, distributed.DistributedError, rundir.WorkdirError,
           loop.Diverged) as err:
     print(f"ggr-jax train: {err}", file=sys.stderr)
@@ -195,7 +224,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
     print(__doc__.strip() + f"\n\ncommands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 0 if argv and argv[0] in ("-h", "--help") else 2
-  return COMMANDS[argv[0]](argv[1:])
+  try:
+    return COMMANDS[argv[0]](argv[1:])
+  except KeyboardInterrupt:  # before a trainer installs its handlers (imports, set-up)
+    print(f"ggr-jax {argv[0]}: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

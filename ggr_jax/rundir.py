@@ -38,6 +38,11 @@ CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
 CHECKSUMS = "checksums"
 DAMAGED = "damaged"
+# the per-step metrics of the unfinished log interval at each checkpoint (<step>.json), so
+# that a resumed run logs the same interval means as an uninterrupted one
+PENDING = "pending_metrics"
+# the run's config inside each checkpoint step folder (written with its digests)
+STEP_CONFIG = "run_config.json"
 
 # Fields that may differ when a run resumes: none changes the trajectory (cadence of
 # logging, evaluation and checkpoints; how the same batches reach the device; where the
@@ -128,11 +133,16 @@ def checkpoint_dir(workdir: str | os.PathLike) -> pathlib.Path:
   return pathlib.Path(workdir).absolute() / CHECKPOINTS
 
 
-def latest_checkpoint_step(workdir: str | os.PathLike) -> int | None:
-  """The newest finished checkpoint step (orbax names finished step folders by the
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+  """The finished checkpoint steps, ascending (orbax names finished step folders by the
   bare step number; unfinished ones carry a temporary suffix)."""
-  steps = [int(p.name) for p in checkpoint_dir(workdir).glob("*") if p.name.isdigit()]
-  return max(steps) if steps else None
+  return sorted(int(p.name) for p in checkpoint_dir(workdir).glob("*") if p.name.isdigit())
+
+
+def latest_checkpoint_step(workdir: str | os.PathLike) -> int | None:
+  """The newest finished checkpoint step."""
+  steps = checkpoint_steps(workdir)
+  return steps[-1] if steps else None
 
 
 def make_workdir(workdir: str | os.PathLike) -> pathlib.Path:

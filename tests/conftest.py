@@ -47,6 +47,32 @@ def shared_file(*parts: str) -> pathlib.Path:
   return path
 
 
+def parity_reference(env: str, name: str) -> pathlib.Path:
+  """The reference file named by the environment variable ``env``, else
+  ``shared/parity/<name>``; a skip naming it when it does not exist."""
+  value = os.environ.get(env)
+  if not value:
+    return shared_file("parity", name)
+  path = pathlib.Path(value)
+  if not path.exists():
+    pytest.skip(f"{env}={value} does not exist.")
+  return path
+
+
+def parity_checker(module: str):
+  """The numpy checker ``module`` (``compare_ref``, ``compare_meta``, ...) from the shared
+  folder ``shared/parity``, never from beside a reference."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  folder = SHARED / "parity"
+  if not (folder / f"{module}.py").exists():
+    pytest.skip(f"{module}.py not found in {folder}.")
+  if str(folder) not in sys.path:
+    sys.path.insert(0, str(folder))
+  return importlib.import_module(module)
+
+
 def random_tree(rng: np.random.Generator, shapes: dict, dtype=np.float32) -> dict:
   """A dict pytree of standard-normal leaves with the given shapes."""
   return {name: rng.standard_normal(shape).astype(dtype) for name, shape in shapes.items()}

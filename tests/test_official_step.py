@@ -10,11 +10,6 @@ stored family with the reference's own ``compare_ref.check(tier="f64")``.
 
 from __future__ import annotations
 
-import importlib
-import os
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +19,7 @@ import pytest
 import ggr_jax
 from ggr_jax.models import convert
 from ggr_jax.ssl import LossContext, iomatch
-from tests.conftest import shared_file, with_optimized_code
+from tests.conftest import parity_checker, parity_reference, with_optimized_code
 
 VARIANTS = {"v95_": (0.95, 0.5), "v0_": (0.0, 0.0)}
 LR, MOMENTUM, WEIGHT_DECAY = 0.03, 0.9, 5e-4
@@ -34,28 +29,10 @@ CHECKED_FAMILIES = ("fwd", "bn_batch", "target", "mask", "loss", "loss64", "grad
                     "grad_aux", "grad_final", "rect", "new_param", "new_buffer")
 
 
-def _reference_path() -> pathlib.Path:
-  env = os.environ.get("GGR_OFFICIAL_STEP")
-  if env:
-    path = pathlib.Path(env)
-    if not path.exists():
-      pytest.skip(f"GGR_OFFICIAL_STEP={env} does not exist.")
-    return path
-  return shared_file("parity", "official_step_public.npz")
-
-
-def _import_compare_ref(folder: pathlib.Path):
-  if not (folder / "compare_ref.py").exists():
-    pytest.skip(f"compare_ref.py not found beside the reference in {folder}.")
-  if str(folder) not in sys.path:
-    sys.path.insert(0, str(folder))
-  return importlib.import_module("compare_ref")
-
-
 @pytest.fixture(scope="module")
 def reference():
-  path = _reference_path()
-  compare_ref = _import_compare_ref(path.parent)
+  path = parity_reference("GGR_OFFICIAL_STEP", "official_step_public.npz")
+  compare_ref = parity_checker("compare_ref")
   return compare_ref, compare_ref.load_ref(str(path))
 
 

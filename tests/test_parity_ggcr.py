@@ -10,11 +10,6 @@ exact method, and checks them with the shared checker ``compare_meta.check``.
 
 from __future__ import annotations
 
-import importlib
-import os
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,27 +19,15 @@ from flax import linen as nn
 from ggr_jax import consistency, per_sample, ssl
 from ggr_jax.models.heads import OpenSetNet
 from ggr_jax.ssl import LossContext, ggcr
-from tests.conftest import SHARED, shared_file
+from tests.conftest import parity_checker, parity_reference
 
 EXACT_METHODS = ("exact", "vmap")
 
 
 def _reference() -> dict:
-  env = os.environ.get("GGR_GGCR_REF")
-  path = pathlib.Path(env) if env else shared_file("parity", "ggcr_public.npz")
-  if not path.exists():
-    pytest.skip(f"GGR_GGCR_REF={env} does not exist.")
-  checker = _checker()
+  path = parity_reference("GGR_GGCR_REF", "ggcr_public.npz")
+  checker = parity_checker("compare_meta")
   return checker, checker.load(str(path))
-
-
-def _checker():
-  folder = SHARED / "parity"
-  if not (folder / "compare_meta.py").exists():
-    pytest.skip(f"compare_meta.py not found in {folder}.")
-  if str(folder) not in sys.path:
-    sys.path.insert(0, str(folder))
-  return importlib.import_module("compare_meta")
 
 
 class _Encoder(nn.Module):

@@ -16,11 +16,6 @@ unchanged.
 
 from __future__ import annotations
 
-import importlib
-import os
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,25 +31,13 @@ from ggr_jax.models.heads import OpenSetNet
 from ggr_jax.ssl import common, metasemi
 from ggr_jax.train import optim
 from ggr_jax.train.state import make_apply_fn
-from tests.conftest import SHARED, shared_file
-
-
-def _checker():
-  folder = SHARED / "parity"
-  if not (folder / "compare_meta.py").exists():
-    pytest.skip(f"compare_meta.py not found in {folder}.")
-  if str(folder) not in sys.path:
-    sys.path.insert(0, str(folder))
-  return importlib.import_module("compare_meta")
+from tests.conftest import parity_checker, parity_reference
 
 
 @pytest.fixture(scope="module")
 def golden():
-  env = os.environ.get("GGR_SEMIMETA_STEP")
-  path = pathlib.Path(env) if env else shared_file("parity", "semimeta_step_public.npz")
-  if not path.exists():
-    pytest.skip(f"GGR_SEMIMETA_STEP={env} does not exist.")
-  checker = _checker()
+  path = parity_reference("GGR_SEMIMETA_STEP", "semimeta_step_public.npz")
+  checker = parity_checker("compare_meta")
   ref = checker.load(str(path))
   cases = [str(c) for c in np.atleast_1d(ref["cases"])]
   with jax.enable_x64(True):

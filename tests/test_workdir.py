@@ -182,7 +182,17 @@ def test_checkpoints_without_their_config_json_are_not_resumed_blindly(tmp_path)
   cfg.ggr.split_gradients = False
   loop.train(cfg, tmp_path, progress=False)
   rundir.path(tmp_path, rundir.CONFIG).unlink()
-  cfg.train.steps = 4
+  other = tiny_config("supervised", "sum", steps=2)
+  other.ggr.split_gradients, other.optim.lr = False, 0.5
+  with pytest.raises(loop.config_lib.ConfigError, match=r"lost its config.json.*optim.lr"):
+    loop.train(other, tmp_path, progress=False)
+  with pytest.warns(UserWarning, match="matches the one stored in checkpoint step 2"):
+    assert loop.train(cfg, tmp_path, progress=False)["steps"] == 2  # the same config resumes
+  assert rundir.read_config(tmp_path) == rundir.read_json(
+      rundir.checkpoint_dir(tmp_path) / "2" / rundir.STEP_CONFIG)
+  for step in rundir.checkpoint_steps(tmp_path):  # checkpoints from before this existed
+    (rundir.checkpoint_dir(tmp_path) / str(step) / rundir.STEP_CONFIG).unlink()
+  rundir.path(tmp_path, rundir.CONFIG).unlink()
   with pytest.raises(loop.config_lib.ConfigError, match="checkpoints but no config.json"):
     loop.train(cfg, tmp_path, progress=False)
 
@@ -273,3 +283,103 @@ def test_a_sweep_spec_that_does_not_load_is_one_line(tmp_path, capsys, text, mes
   assert cli.main(["sweep", str(spec), "--root", str(tmp_path / "root")]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and message in err and str(spec) in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.train.nope=3"], "--config.train.nope names a field the config does not have"),
+    (["--config", "grid:steps=5"], "unknown grid key 'steps'"),
+])
+def test_a_config_that_cannot_be_built_is_one_line(tmp_path, capsys, args, message):
+  with pytest.raises(SystemExit) as stop:
+    cli.main(["train", "--workdir", str(tmp_path / "run"), *args])
+  text = str(stop.value.code)
+  assert text.startswith("ggr-jax train: ") and len(text.splitlines()) == 1 and message in text
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.dataset.labels_per_class=500", "labels_per_class=500 exceeds"),
+    ("--config.dataset.id_classes=(0,11)", "id_classes [11] do not occur"),
+    ("--config.dataset.id_classes=(0,0,1)", "id_classes lists [0] more than once"),
+    ("--config.dataset.name=cifar10", "cifar10 is not prepared"),
+])
+def test_a_split_the_dataset_fields_cannot_make_is_one_line(tmp_path, capsys, override, message):
+  rc = cli.main(["train", "--workdir", str(tmp_path / "run"), override,
+                 f"--config.dataset.data_dir={tmp_path / 'no_tfds_here'}"])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("ggr-jax train: config.dataset")
+  assert message in err and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_interrupt_before_training_is_one_line(monkeypatch, capsys):
+  def interrupted(argv):
+    raise KeyboardInterrupt
+  monkeypatch.setitem(cli.COMMANDS, "train", interrupted)
+  assert cli.main(["train"]) == 130
+  assert capsys.readouterr().err.strip() == "ggr-jax train: interrupted"
+
+
+def test_a_test_split_without_ood_images_warns_that_auroc_is_undefined():
+  from ggr_jax.configs import default  # pylint: disable=import-outside-toplevel
+  cfg = default.get_config()
+  cfg.dataset.max_test_images = 1
+  with pytest.warns(UserWarning, match="AUROC will be NaN"):
+    loop.load_split(cfg)
+
+
+# -- checkpoint writes that fail, exact interval means across interrupts ----------------
+def test_a_checkpoint_folder_that_is_not_writable_stops_the_run_at_that_step(
+    tmp_path, monkeypatch):
+  from ggr_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config(steps=6)
+  cfg.train.update(checkpoint_every=2, log_every=2)
+  folder, steps = rundir.checkpoint_dir(tmp_path), []
+  allowed = checkpoint.os.access
+  monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: allowed(path, mode) and not (
+      pathlib.Path(path) == folder and len(steps) >= 3))  # read-only from step 3 on
+  with pytest.raises(checkpoint.CheckpointWriteError, match=r"step 4 could not be written.*"
+                     r"PermissionError.*not writable.*Checkpoints kept: \[2\]"):
+    loop.Trainer(cfg, tmp_path, progress=False, on_step=steps.append).run()
+  assert steps == [1, 2, 3]  # stopped at step 4, before its on_step
+  assert rundir.checkpoint_steps(tmp_path) == [2]
+
+
+FILL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.argv[0] = "ggr-jax"  # as the installed command
+from ggr_jax import cli
+sys.exit(cli.main(["train", "--workdir", sys.argv[2], "--config.train.steps=6",
+                   "--config.train.batch_size=8", "--config.train.uratio=1",
+                   "--config.train.log_every=2", "--config.train.checkpoint_every=2",
+                   "--config.train.eval_every=6"]))
+"""
+
+
+def test_a_full_disk_stops_the_run_with_one_line_naming_the_cause(tmp_path):
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}  # no cache writes
+  proc = subprocess.run([sys.executable, "-c", FILL_DISK, str(64 * 1024), str(tmp_path / "run")],
+                        capture_output=True, text=True, timeout=600, env=env)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  # orbax's writer thread logs its own traceback meanwhile, possibly on the same line
+  message = proc.stderr[proc.stderr.index("ggr-jax train: checkpoint step 2 could not be "):]
+  assert message.index("(File too large, errno 27); the run stopped. Checkpoints kept: none") < 300
+
+
+def test_interval_means_are_exact_across_an_interrupt_off_a_log_step(tmp_path):
+  cfg = tiny_config(steps=6)
+  cfg.train.update(log_every=3, checkpoint_every=3)
+  loop.train(cfg, tmp_path / "full", progress=False)
+
+  def interrupt(step):
+    if step == 2:  # off a log step, after no checkpoint
+      signal.raise_signal(signal.SIGTERM)
+
+  assert loop.Trainer(cfg, tmp_path / "resumed", progress=False, on_step=interrupt).run() is None
+  loop.train(cfg, tmp_path / "resumed", progress=False)
+  full, resumed = (
+      [{k: v for k, v in r.items() if k != "monitors/steps_per_s"}
+       for r in metrics_log.read(tmp_path / name) if r["split"] == "train"]
+      for name in ("full", "resumed"))
+  assert [r["step"] for r in full] == [3, 6] and resumed == full

@@ -6,13 +6,16 @@ silently wrong numbers. Once a step has finished writing, its files' SHA-256 dig
 to ``<workdir>/checksums/<step>.json``. A restore takes the newest step whose files
 match their digests and that orbax can read; a damaged step is moved to
 ``<workdir>/damaged/`` with a one-line warning naming it, and the next newer intact
-one is used.
+one is used. Each step folder also holds the run's config (``run_config.json``), so a
+lost ``config.json`` can be checked against, and restored from, the checkpoint itself.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import pathlib
+import re
 import shutil
 import time
 import warnings
@@ -29,6 +32,22 @@ class NoIntactCheckpoint(rundir.WorkdirError):
   """Every checkpoint of the workdir failed verification."""
 
 
+class CheckpointWriteError(rundir.WorkdirError):
+  """A checkpoint could not be written (permissions, a full disk); the previous ones are
+  left as they were."""
+
+
+_OS_ERROR = re.compile(r"([A-Za-z][A-Za-z ]+?) \[os_error_code='(\d+)'\]")
+
+
+def _free_bytes(folder: pathlib.Path) -> int:
+  return shutil.disk_usage(folder).free
+
+
+def _folder_bytes(folder: pathlib.Path) -> int:
+  return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 def _digests(folder: pathlib.Path) -> dict[str, str]:
   out = {}
   for file in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -43,7 +62,12 @@ def _digests(folder: pathlib.Path) -> dict[str, str]:
 class Checkpointer:
   """Saves and restores :class:`TrainState`; keeps the newest ``max_to_keep`` steps."""
 
-  def __init__(self, workdir: str | pathlib.Path, max_to_keep: int = 2):
+  def __init__(self, workdir: str | pathlib.Path, max_to_keep: int = 2,
+               config: dict | None = None):
+    """``config``: the run's config, stored in every step folder (``run_config.json``,
+    under the digests) so that a checkpoint names the config it was trained with."""
+    self._config = config
+    self._writing: int | None = None  # the step of the newest save
     self._workdir = pathlib.Path(workdir).absolute()
     self._directory = rundir.checkpoint_dir(workdir)
     self._manager = ocp.CheckpointManager(
@@ -59,9 +83,60 @@ class Checkpointer:
     or at :meth:`close`; a save never waits for the previous one to finish)."""
     step = int(state.step)
     if step != self._manager.latest_step():
+      self._check_room(step)
       if not self._manager.is_saving_in_progress():
+        self.check()
         self._seal()
-      self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+      previous, in_progress = self._writing, self._manager.is_saving_in_progress()
+      self._writing = step
+      try:
+        self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+      except Exception as err:  # pylint: disable=broad-except  # orbax raises many kinds
+        # a save first finishes the previous write, whose error it raises
+        raise self._write_error(previous if in_progress else step, err) from None
+
+  def check(self) -> None:
+    """Raises :class:`CheckpointWriteError` if a finished background write failed; cheap
+    enough for every step (nothing is checked while a write is in progress)."""
+    if self._manager.is_saving_in_progress():
+      return
+    try:
+      self._manager.check_for_errors()
+    except Exception as err:  # pylint: disable=broad-except
+      raise self._write_error(self._writing, err) from None
+
+  def abandon(self) -> None:
+    """Ends the background writer after a failed write (its error is already reported)."""
+    try:
+      self._manager.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+  def _check_room(self, step: int) -> None:
+    """Refuses a save the checkpoint folder cannot take (not writable, or less free space
+    than the newest checkpoint occupies) before anything is written."""
+    if not distributed.is_primary():
+      return
+    if not os.access(self._directory, os.W_OK):
+      raise self._write_error(step, PermissionError(f"{self._directory} is not writable"))
+    newest = self._manager.latest_step()
+    need = 0 if newest is None else _folder_bytes(self._directory / str(newest))
+    free = _free_bytes(self._directory)
+    if need > free:
+      raise self._write_error(step, OSError(
+          f"{free / 2**20:.0f} MiB free, the newest checkpoint took {need / 2**20:.0f} MiB"))
+
+  def _write_error(self, step: int | None, err: Exception) -> CheckpointWriteError:
+    os_error = _OS_ERROR.search(str(err))
+    if os_error is not None:  # tensorstore reports the OS error inside its message
+      cause = f"{os_error.group(1).strip()}, errno {os_error.group(2)}"
+    else:
+      cause = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    kept = self._manager.all_steps()
+    return CheckpointWriteError(
+        f"checkpoint step {step} could not be written to {self._directory} ({cause}); the "
+        f"run stopped. Checkpoints kept: {sorted(kept) or 'none'}. Free space or fix the "
+        "folder's permissions, then run the same command to resume.")
 
   def restore(self, like: TrainState) -> TrainState:
     """The newest intact checkpoint, laid out (shapes, dtypes, shardings) like ``like``."""
@@ -81,7 +156,11 @@ class Checkpointer:
         "the run again.")
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as err:  # pylint: disable=broad-except
+      raise self._write_error(self._writing, err) from None
+    self.check()
     self._seal()
 
   def close(self) -> None:
@@ -102,6 +181,9 @@ class Checkpointer:
     folder.mkdir(exist_ok=True)
     for step in steps:
       if not self._checksum_file(step).exists():
+        if self._config is not None:
+          rundir.write_json(self._directory / str(step) / rundir.STEP_CONFIG, self._config,
+                            sort_keys=True, default=list)
         rundir.write_json(self._checksum_file(step), _digests(self._directory / str(step)))
     for file in folder.glob("*.json"):
       if file.stem.isdigit() and int(file.stem) not in steps:

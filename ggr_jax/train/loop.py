@@ -21,7 +21,7 @@ from ggr_jax.data.openset import OpenSetSplit
 from ggr_jax.train import build as build_lib
 from ggr_jax.train import config as config_lib
 from ggr_jax.train import distributed, step as step_lib
-from ggr_jax.train.checkpoint import Checkpointer
+from ggr_jax.train.checkpoint import CheckpointWriteError, Checkpointer
 from ggr_jax.train.feeds import split_arrays
 from ggr_jax.train.metrics_log import MetricsLog, NullLog
 from ggr_jax.train.state import TrainState
@@ -73,7 +73,30 @@ class _FiniteGuard:
 
 def load_split(cfg: ml_collections.ConfigDict) -> OpenSetSplit:
   """The split of ``cfg.dataset`` under ``cfg.dataset.protocol`` (labeled draw from
-  ``cfg.train.seed``)."""
+  ``cfg.train.seed``).
+
+  Raises:
+    ConfigError: a split the dataset fields cannot make (too many labels per class, an
+      unknown or repeated ID class, data that are not prepared or are damaged), in one
+      line naming the fields.
+  """
+  try:
+    split = _load_split(cfg)
+  except config_lib.ConfigError:
+    raise
+  except (ValueError, TypeError, FileNotFoundError) as err:
+    raise config_lib.ConfigError(
+        f"config.dataset ({cfg.dataset.name}, {cfg.dataset.get('protocol', 'openset')}): "
+        f"{err}") from None
+  if not split.is_closed_set and not (0 < int(np.sum(split.test_full_is_id))
+                                      < len(split.test_full_is_id)):
+    warnings.warn(f"the test split of {split.name} holds only ID or only OOD images "
+                  f"(dataset.max_test_images = {cfg.dataset.max_test_images}): AUROC will be "
+                  "NaN; evaluate on more images (0: all).", stacklevel=2)
+  return split
+
+
+def _load_split(cfg: ml_collections.ConfigDict) -> OpenSetSplit:
   ds, seed = cfg.dataset, cfg.train.seed
   data_dir = ds.data_dir or None
   closed = ds.get("protocol", "openset") == "closed"
@@ -129,12 +152,32 @@ def _check_same_run(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> No
           f"{workdir} holds a run with a different config ({', '.join(changed)}); resume it "
           "with the same config or choose a new --workdir.")
   elif rundir.latest_checkpoint_step(workdir) is not None:
-    raise config_lib.ConfigError(
-        f"{workdir} holds checkpoints but no {rundir.CONFIG}, so the config they were "
-        f"trained with cannot be checked; restore {path} or choose a new --workdir.")
+    stored = _checkpoint_config(workdir)
+    if stored is None:
+      raise config_lib.ConfigError(
+          f"{workdir} holds checkpoints but no {rundir.CONFIG}, so the config they were "
+          f"trained with cannot be checked; restore {path} or choose a new --workdir.")
+    step, before = stored
+    changed = rundir.config_diff(before, cfg.to_dict())
+    if changed:
+      raise config_lib.ConfigError(
+          f"{workdir} lost its {rundir.CONFIG}, and its checkpoint (step {step}) was trained "
+          f"with a different config ({', '.join(changed)}); resume it with the same config "
+          "or choose a new --workdir.")
+    warnings.warn(f"{path} was missing; the config matches the one stored in checkpoint "
+                  f"step {step}, so it is written again.", stacklevel=2)
   distributed.barrier("ggr_jax.config_checked")  # every process read before process 0 writes
   if distributed.is_primary():
     rundir.write_json(path, cfg.to_dict(), sort_keys=True, default=list)
+
+
+def _checkpoint_config(workdir: pathlib.Path) -> tuple[int, dict] | None:
+  """``(step, config)`` of the newest checkpoint that stores its run's config."""
+  for step in reversed(rundir.checkpoint_steps(workdir)):
+    file = rundir.checkpoint_dir(workdir) / str(step) / rundir.STEP_CONFIG
+    if file.exists():
+      return step, rundir.read_json(file)
+  return None
 
 
 def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
@@ -216,13 +259,19 @@ class Trainer:
   def _run(self) -> dict[str, Any] | None:
     cfg, workdir = self.cfg, self.workdir
     _check_same_run(workdir, cfg)
-    ckpt = Checkpointer(workdir)
+    ckpt = Checkpointer(workdir, config=cfg.to_dict())
     state = self.restore(ckpt)
     start = int(state.step)
     primary = distributed.is_primary()  # the one process that logs, prints and summarizes
     log = MetricsLog(workdir, resume_step=start) if primary else NullLog()
     feed = self.program.feed(split_arrays(self.split), state, start)
-    total, pending, last_eval = cfg.train.steps, [], None
+    total, pending, last_eval = cfg.train.steps, _load_pending(workdir, start), None
+
+    def save(state):  # the checkpoint, and the metrics of the unfinished log interval
+      if primary:
+        _save_pending(workdir, int(state.step), pending)
+      ckpt.save(state)
+
     bar = _progress(start, total, self.progress and primary)
     t0, wall_start, step = time.perf_counter(), time.perf_counter(), start
     guard = _FiniteGuard(cfg.train.nonfinite_patience)
@@ -250,7 +299,8 @@ class Trainer:
             raw = self.evaluate(state, "raw")  # for the official figures (see _summary)
             log.write(step, "eval", {**_scalars(last_eval), **_scalars(raw, RAW_PREFIX)})
           if (step % cfg.train.checkpoint_every == 0 or step == total) and not guard.streak:
-            ckpt.save(state)  # never a state from a non-finite step
+            save(state)  # never a state from a non-finite step
+          ckpt.check()  # a failed background write stops the run now
           if self.on_step is not None:
             self.on_step(step)
           if _stop_agreed(received, step, cfg.train.log_every):
@@ -260,7 +310,7 @@ class Trainer:
       try:
         guard.check(workdir, cfg.optim.lr)  # a diverged state is not saved either
         if not guard.streak:
-          ckpt.save(state)
+          save(state)
       finally:
         ckpt.close()
         log.close()
@@ -274,6 +324,11 @@ class Trainer:
       return None
     except Diverged:
       ckpt.close()
+      log.close()
+      bar.close()
+      raise
+    except CheckpointWriteError:  # the writer is broken: nothing more to wait for
+      ckpt.abandon()
       log.close()
       bar.close()
       raise
@@ -349,6 +404,34 @@ def official_figures(evals: list[dict[str, Any]]) -> dict[str, Any]:
 def _read_log(workdir: pathlib.Path) -> list[dict[str, Any]]:
   from ggr_jax.train.metrics_log import read  # pylint: disable=import-outside-toplevel
   return read(workdir)
+
+
+def _pending_file(workdir: pathlib.Path, step: int) -> pathlib.Path:
+  return rundir.path(workdir, rundir.PENDING) / f"{step}.json"
+
+
+def _save_pending(workdir: pathlib.Path, step: int, pending: list[dict[str, Any]]) -> None:
+  """The unfinished interval's per-step metrics at checkpoint ``step`` (values with their
+  dtypes, so that the resumed means are computed from the same numbers); files of steps
+  without a checkpoint any more are dropped."""
+  records = [{k: [np.asarray(v).item(), np.asarray(v).dtype.name] for k, v in m.items()}
+             for m in jax.device_get(pending)]
+  folder = rundir.path(workdir, rundir.PENDING)
+  folder.mkdir(exist_ok=True)
+  rundir.write_json(_pending_file(workdir, step), records)
+  kept = {step, *rundir.checkpoint_steps(workdir)}
+  for file in folder.glob("*.json"):
+    if file.stem.isdigit() and int(file.stem) not in kept:
+      file.unlink(missing_ok=True)
+
+
+def _load_pending(workdir: pathlib.Path, step: int) -> list[dict[str, Any]]:
+  """The metrics :func:`_save_pending` kept at ``step`` (none if it kept none)."""
+  file = _pending_file(workdir, step)
+  if not step or not file.exists():
+    return []
+  return [{k: np.asarray(value, dtype) for k, (value, dtype) in record.items()}
+          for record in rundir.read_json(file)]
 
 
 def _mean_metrics(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
