@@ -310,6 +310,28 @@ def test_a_split_the_dataset_fields_cannot_make_is_one_line(tmp_path, capsys, ov
   assert message in err and not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_garbled_tfds_folder_is_one_line(tmp_path, capsys):
+  version = tmp_path / "tfds" / "cifar10" / "3.0.2"
+  version.mkdir(parents=True)
+  (version / "dataset_info.json").write_text("{not json")
+  rc = cli.main(["train", "--workdir", str(tmp_path / "run"), "--config.dataset.name=cifar10",
+                 f"--config.dataset.data_dir={tmp_path / 'tfds'}"])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and len(err.splitlines()) == 1 and "cifar10 (train)" in err
+  assert "cannot be read" in err and "tfds build cifar10" in err
+
+
+def test_a_garbled_imagenet30_file_list_is_one_line(tmp_path, capsys):
+  lists = tmp_path / "in30" / "filelist"
+  lists.mkdir(parents=True)
+  (lists / "train_labeled_p1.txt").write_text("data/imagenet30/a.png 0\nno label here\n")
+  rc = cli.main(["train", "--workdir", str(tmp_path / "run"), "--config.dataset.name=imagenet30",
+                 f"--config.dataset.data_dir={tmp_path / 'in30'}"])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and len(err.splitlines()) == 1
+  assert "train_labeled_p1.txt:2: expected '<path> <integer label>'" in err
+
+
 def test_an_interrupt_before_training_is_one_line(monkeypatch, capsys):
   def interrupted(argv):
     raise KeyboardInterrupt

@@ -80,6 +80,10 @@ class DatasetNotPreparedError(FileNotFoundError):
   """The tfds dataset is not prepared (in array_record format) in the data directory."""
 
 
+class DatasetUnreadableError(ValueError):
+  """The tfds dataset's prepared files are damaged (garbled metadata, bad records)."""
+
+
 def data_dir_or_env(data_dir: str | os.PathLike | None) -> str | None:
   # tfds reads TFDS_DATA_DIR once at import; read it per call instead.
   if data_dir is not None:
@@ -88,7 +92,21 @@ def data_dir_or_env(data_dir: str | os.PathLike | None) -> str | None:
 
 
 def open_source(name: str, split: str, data_dir: str | None) -> Any:
-  """``tfds.data_source(name, split)``, or :class:`DatasetNotPreparedError` naming the fix."""
+  """``tfds.data_source(name, split)``, or :class:`DatasetNotPreparedError` naming the fix
+  (:class:`DatasetUnreadableError` when the prepared files cannot be read)."""
+  try:
+    return _open_source(name, split, data_dir)
+  except DatasetNotPreparedError:
+    raise
+  except Exception as err:  # pylint: disable=broad-except  # tfds/protobuf raise many kinds
+    first = (str(err).splitlines() or [""])[0][:300]
+    raise DatasetUnreadableError(
+        f"{name} ({split}) in {data_dir or 'the tfds default folder'} cannot be read "
+        f"({type(err).__name__}: {first}); rebuild it with `tfds build {name} "
+        f"--file_format=array_record` or set dataset.data_dir to an intact copy.") from err
+
+
+def _open_source(name: str, split: str, data_dir: str | None) -> Any:
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except (KeyError, NotImplementedError) as err:
