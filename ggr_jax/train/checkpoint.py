@@ -102,6 +102,9 @@ class Checkpointer:
       return
     try:
       self._manager.check_for_errors()
+      # the finalize thread can fail after the writer reports no error; joining a
+      # finished thread re-raises its error and costs nothing otherwise
+      self._manager.wait_until_finished()
     except Exception as err:  # pylint: disable=broad-except
       raise self._write_error(self._writing, err) from None
 
@@ -180,7 +183,8 @@ class Checkpointer:
     folder = rundir.path(self._workdir, rundir.CHECKSUMS)
     folder.mkdir(exist_ok=True)
     for step in steps:
-      if not self._checksum_file(step).exists():
+      # orbax lists a step from the start of its save: a failed one has no folder
+      if not self._checksum_file(step).exists() and (self._directory / str(step)).is_dir():
         if self._config is not None:
           rundir.write_json(self._directory / str(step) / rundir.STEP_CONFIG, self._config,
                             sort_keys=True, default=list)
