@@ -21,6 +21,7 @@ import pytest
 
 from ggr_jax import coordinator
 from ggr_jax.models import convert_gcd
+from ggr_jax.models import vit
 from ggr_jax.models.gcd_head import GCDHead
 from ggr_jax.ssl import simgcd
 from tests.conftest import parity_checker, parity_reference
@@ -91,9 +92,11 @@ def prefixed(ref: dict, prefix: str) -> dict:
   return {k[len(prefix):]: v for k, v in ref.items() if k.startswith(prefix)}
 
 
-def heads_and_coordinator(ref: dict) -> dict:
-  """The official step from the backbone's output on: SimGCD's heads and losses, the
-  feature cotangent, the head gradients, and EAGC's coordinator on that cotangent."""
+def heads_and_coordinator(ref: dict, z: jax.Array, zhat: jax.Array) -> tuple[dict, dict]:
+  """The official step from the backbone's output on (training features ``z``, reference
+  features ``zhat``): SimGCD's heads and losses, the feature cotangent, the head
+  gradients, and EAGC's coordinator on that cotangent. Also the feature cotangent of
+  each variant (``noeagc``, ``eagc``)."""
   cfg = prefixed(ref, "cfg/")
   head_params = convert_gcd.simgcd_head_to_flax(prefixed(ref, "init/projector/"))
   mlp_layers = sum(1 for k in head_params if k.startswith("mlp_"))
@@ -113,7 +116,6 @@ def heads_and_coordinator(ref: dict) -> dict:
                                 n_views=int(cfg["n_views"]))
     return terms["total"], (terms, out)
 
-  z, zhat = jnp.asarray(ref["fwd/Z"]), jnp.asarray(ref["fwd/Zref"])
   params = jax.tree.map(jnp.asarray, head_params)
   (_, (terms, out)), (g_z, g_head) = jax.value_and_grad(loss_fn, argnums=(0, 1),
                                                         has_aux=True)(z, params)
@@ -144,15 +146,49 @@ def heads_and_coordinator(ref: dict) -> dict:
       "eagc/gZ_eep_term": pullback(z, g_z, eep_only.edit) - g_z,
       "eagc/gZ_aga_term": pullback(z, g_z, aga_only.edit) - g_z,
   }
-  return {k: np.asarray(v) for k, v in cand.items()}
+  return cand, {"noeagc": g_z, "eagc": cand["eagc/gZ_post"]}
 
 
-def test_simgcd_heads_losses_and_the_coordinated_feature_gradient_match_the_official_step(
-    step_golden):
+def test_the_official_simgcd_eagc_step_from_images_to_gradients(step_golden):
   checker, ref = step_golden
   with jax.enable_x64(True):
-    cand = heads_and_coordinator(ref)
+    features = backbone_gradients(ref, {})
+    cand, g_z = heads_and_coordinator(ref, features["fwd/Z"], features["fwd/Zref"])
+    cand.update(backbone_gradients(ref, g_z))
+    cand = {k: np.asarray(v) for k, v in cand.items()}
   missing = sorted(set(cand) - set(ref))
   assert not missing, f"keys not in the reference: {missing}"
   ok, rows = checker.check(ref, cand, keys=sorted(cand))
   assert ok, checker.format_rows(rows, failures_only=True)
+
+
+def vit_for(ref: dict) -> vit.VisionTransformer:
+  """The reference's tiny DINO ViT, its sizes read from the stored weights."""
+  meta, cfg = ref["__meta__"], prefixed(ref, "cfg/")
+  weights = prefixed(ref, "init/backbone/")
+  dim, _, patch, _ = weights["patch_embed.proj.weight"].shape
+  depth = len({k.split(".")[1] for k in weights if k.startswith("blocks.")})
+  return vit.VisionTransformer(image_size=ref["batch/x"].shape[-1], patch_size=patch,
+                               dim=dim, depth=depth, heads=int(meta["cfg"]["heads"]),
+                               grad_from_block=int(cfg["grad_from_block"]))
+
+
+def backbone_gradients(ref: dict, g_z_by_variant: dict) -> dict:
+  """The training ViT's features and the gradients of its trainable blocks, pulling back
+  each variant's feature cotangent; the reference ViT's features."""
+  model = vit_for(ref)
+  x = jnp.asarray(ref["batch/x"]).transpose(0, 2, 3, 1)
+  params = jax.tree.map(jnp.asarray,
+                        convert_gcd.dino_vit_to_flax(prefixed(ref, "init/backbone/")))
+  reference = jax.tree.map(jnp.asarray,
+                           convert_gcd.dino_vit_to_flax(prefixed(ref, "init/reference/")))
+  z, pull = jax.vjp(lambda p: model.apply({"params": p}, x)["feat"], params)
+  cand = {"fwd/Z": z, "fwd/Zref": model.apply({"params": reference}, x)["feat"]}
+  trainable = vit.trainable_mask(params, model.grad_from_block)
+  for variant, g_z in g_z_by_variant.items():
+    grads = convert_gcd.flax_to_dino_vit(pull(g_z)[0])
+    keep = convert_gcd.flax_to_dino_vit(
+        jax.tree.map(lambda m, p: np.full(p.shape, m), trainable, params))
+    cand.update({f"{variant}/grad/backbone/{k}": v for k, v in grads.items()
+                 if keep[k].all()})
+  return cand

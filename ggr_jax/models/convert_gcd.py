@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import numpy as np
+from flax import traverse_util
 
 
 def simgcd_head_to_flax(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -57,3 +58,63 @@ def _dense(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarra
 def _linear(dense: Mapping[str, Any], prefix: str) -> dict[str, np.ndarray]:
   return {f"{prefix}.weight": np.asarray(dense["kernel"]).T,
           f"{prefix}.bias": np.asarray(dense["bias"])}
+
+
+_VIT_LEAVES = {"weight": "kernel", "bias": "bias"}
+_VIT_NORM_LEAVES = {"weight": "scale", "bias": "bias"}
+
+
+def dino_vit_to_flax(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+  """:class:`ggr_jax.models.vit.VisionTransformer` params from a DINO ViT state dict
+  (``blocks.3.attn.qkv.weight``, ``patch_embed.proj.weight``, ...; a ``head.*`` or
+  ``backbone.`` prefix of a full DINO checkpoint is not accepted: pass the teacher's
+  backbone, keys without prefix)."""
+  params: dict[str, Any] = {}
+  for name, value in arrays.items():
+    value = np.asarray(value)
+    parts = name.split(".")
+    if name in ("cls_token", "pos_embed"):
+      params[name] = value
+    elif parts[0] == "patch_embed" and parts[1] == "proj":
+      leaf = _VIT_LEAVES[parts[2]]
+      params.setdefault("patch_embed", {})[leaf] = (
+          value.transpose(2, 3, 1, 0) if leaf == "kernel" else value)
+    elif parts[0] == "norm":
+      params.setdefault("norm", {})[_VIT_NORM_LEAVES[parts[1]]] = value
+    elif parts[0] == "blocks":
+      block = params.setdefault(f"blocks_{parts[1]}", {})
+      if parts[2] in ("norm1", "norm2"):
+        block.setdefault(parts[2], {})[_VIT_NORM_LEAVES[parts[3]]] = value
+      elif parts[2] in ("attn", "mlp"):
+        node = block.setdefault("attn", {}) if parts[2] == "attn" else block
+        leaf = _VIT_LEAVES[parts[4]]
+        node.setdefault(parts[3], {})[leaf] = value.T if leaf == "kernel" else value
+      else:
+        raise ValueError(f"unknown DINO ViT parameter {name!r}")
+    else:
+      raise ValueError(f"unknown DINO ViT parameter {name!r} (expected the backbone's "
+                       "state dict: cls_token, pos_embed, patch_embed.*, blocks.*, norm.*)")
+  return params
+
+
+def flax_to_dino_vit(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """DINO ViT state-dict names and layouts of :func:`dino_vit_to_flax`'s params."""
+  out: dict[str, np.ndarray] = {}
+  for path, value in traverse_util.flatten_dict(params).items():
+    value = np.asarray(value)
+    head, leaf = path[0], path[-1]
+    if head in ("cls_token", "pos_embed"):
+      out[head] = value
+    elif head == "patch_embed":
+      out[f"patch_embed.proj.{'weight' if leaf == 'kernel' else 'bias'}"] = (
+          value.transpose(3, 2, 0, 1) if leaf == "kernel" else value)
+    else:
+      torch_leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
+      if head == "norm":
+        out[f"norm.{torch_leaf}"] = value
+        continue
+      block = head.split("_")[1]
+      inner = path[1:-1]
+      module = ({"fc1": "mlp.fc1", "fc2": "mlp.fc2"}.get(inner[0], ".".join(inner)))
+      out[f"blocks.{block}.{module}.{torch_leaf}"] = value.T if leaf == "kernel" else value
+  return out
