@@ -57,10 +57,12 @@ def get_config() -> ml_collections.ConfigDict:
   # schedule: "usb_cosine" (official GGR), "warmup_step" (linear warm-up over warmup_steps,
   # then x decay_factor after each of milestones), "warmup_cosine" (warm-up, half-cosine).
   # decay: weight decay on "kernels" (official GGR) or on "all" parameters (torch SGD).
+  # group_lr: {parameter path prefix: base lr} on the same schedule (e.g. SimGCD's
+  # backbone at 0.1 beside heads at optim.lr = 1.0); "constant": no schedule.
   cfg.optim = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4, ema=0.999,
       schedule="usb_cosine", warmup_steps=0, milestones=(), decay_factor=0.1, decay="kernels",
-      kwargs=ml_collections.ConfigDict()))
+      group_lr=ml_collections.ConfigDict(), kwargs=ml_collections.ConfigDict()))
 
   # input: "device" puts the whole split on device and samples each batch inside the
   # step; "stream" keeps it in host memory and streams each step's uint8 batch (every

@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from ggr_jax import coordinator
+from ggr_jax.configs import default as default_config
 from ggr_jax.models import convert_gcd
 from ggr_jax.models import vit
 from ggr_jax.models.gcd_head import GCDHead
 from ggr_jax.ssl import simgcd
+from ggr_jax.train import config as config_lib
+from ggr_jax.train import optim
 from tests.conftest import parity_checker, parity_reference
 
 
@@ -92,11 +97,12 @@ def prefixed(ref: dict, prefix: str) -> dict:
   return {k[len(prefix):]: v for k, v in ref.items() if k.startswith(prefix)}
 
 
-def heads_and_coordinator(ref: dict, z: jax.Array, zhat: jax.Array) -> tuple[dict, dict]:
+def heads_and_coordinator(ref: dict, z: jax.Array, zhat: jax.Array
+                          ) -> tuple[dict, dict, dict]:
   """The official step from the backbone's output on (training features ``z``, reference
   features ``zhat``): SimGCD's heads and losses, the feature cotangent, the head
   gradients, and EAGC's coordinator on that cotangent. Also the feature cotangent of
-  each variant (``noeagc``, ``eagc``)."""
+  each variant (``noeagc``, ``eagc``) and the head gradients (Flax layout)."""
   cfg = prefixed(ref, "cfg/")
   head_params = convert_gcd.simgcd_head_to_flax(prefixed(ref, "init/projector/"))
   mlp_layers = sum(1 for k in head_params if k.startswith("mlp_"))
@@ -146,16 +152,13 @@ def heads_and_coordinator(ref: dict, z: jax.Array, zhat: jax.Array) -> tuple[dic
       "eagc/gZ_eep_term": pullback(z, g_z, eep_only.edit) - g_z,
       "eagc/gZ_aga_term": pullback(z, g_z, aga_only.edit) - g_z,
   }
-  return cand, {"noeagc": g_z, "eagc": cand["eagc/gZ_post"]}
+  return cand, {"noeagc": g_z, "eagc": cand["eagc/gZ_post"]}, g_head
 
 
 def test_the_official_simgcd_eagc_step_from_images_to_gradients(step_golden):
   checker, ref = step_golden
   with jax.enable_x64(True):
-    features = backbone_gradients(ref, {})
-    cand, g_z = heads_and_coordinator(ref, features["fwd/Z"], features["fwd/Zref"])
-    cand.update(backbone_gradients(ref, g_z))
-    cand = {k: np.asarray(v) for k, v in cand.items()}
+    cand = official_step(ref)
   missing = sorted(set(cand) - set(ref))
   assert not missing, f"keys not in the reference: {missing}"
   ok, rows = checker.check(ref, cand, keys=sorted(cand))
@@ -173,9 +176,10 @@ def vit_for(ref: dict) -> vit.VisionTransformer:
                                grad_from_block=int(cfg["grad_from_block"]))
 
 
-def backbone_gradients(ref: dict, g_z_by_variant: dict) -> dict:
-  """The training ViT's features and the gradients of its trainable blocks, pulling back
-  each variant's feature cotangent; the reference ViT's features."""
+def backbone_gradients(ref: dict, g_z_by_variant: dict) -> tuple[dict, dict]:
+  """The training ViT's features and, per variant, the gradient of every backbone leaf
+  pulling back that variant's feature cotangent (Flax layout); the reference ViT's
+  features."""
   model = vit_for(ref)
   x = jnp.asarray(ref["batch/x"]).transpose(0, 2, 3, 1)
   params = jax.tree.map(jnp.asarray,
@@ -183,12 +187,59 @@ def backbone_gradients(ref: dict, g_z_by_variant: dict) -> dict:
   reference = jax.tree.map(jnp.asarray,
                            convert_gcd.dino_vit_to_flax(prefixed(ref, "init/reference/")))
   z, pull = jax.vjp(lambda p: model.apply({"params": p}, x)["feat"], params)
-  cand = {"fwd/Z": z, "fwd/Zref": model.apply({"params": reference}, x)["feat"]}
-  trainable = vit.trainable_mask(params, model.grad_from_block)
-  for variant, g_z in g_z_by_variant.items():
-    grads = convert_gcd.flax_to_dino_vit(pull(g_z)[0])
-    keep = convert_gcd.flax_to_dino_vit(
-        jax.tree.map(lambda m, p: np.full(p.shape, m), trainable, params))
-    cand.update({f"{variant}/grad/backbone/{k}": v for k, v in grads.items()
-                 if keep[k].all()})
-  return cand
+  features = {"fwd/Z": z, "fwd/Zref": model.apply({"params": reference}, x)["feat"]}
+  return features, {variant: pull(g_z)[0] for variant, g_z in g_z_by_variant.items()}
+
+
+def sgd_step(ref: dict, grads: dict) -> dict:
+  """The official SGD step (param groups, momentum, coupled decay on >= 2-D leaves, the
+  frozen trunk untouched) through ggr_jax's optimizer, from the stored momentum."""
+  cfg_ref = prefixed(ref, "cfg/")
+  cfg = default_config.get_config()
+  cfg.optim.update(name="sgd", momentum=float(cfg_ref["momentum"]), nesterov=False,
+                   weight_decay=float(cfg_ref["weight_decay"]), schedule="constant",
+                   lr=float(cfg_ref["lr_group2"]), decay="kernels")
+  cfg.optim.group_lr = ml_collections.ConfigDict({"backbone": float(cfg_ref["lr_group0"])})
+  config_lib.validate(cfg)
+  torch_backbone = prefixed(ref, "init/backbone/")
+  params = jax.tree.map(jnp.asarray, {
+      "backbone": convert_gcd.dino_vit_to_flax(torch_backbone),
+      "head": convert_gcd.simgcd_head_to_flax(prefixed(ref, "init/projector/"))})
+  block = int(cfg_ref["grad_from_block"])
+  tx = optim.make_base_optimizer(cfg, lambda p: {
+      "backbone": vit.trainable_mask(p["backbone"], block),
+      "head": jax.tree.map(lambda _: True, p["head"])})
+  stored = prefixed(ref, "init/momentum/backbone/")
+  momentum = {
+      "backbone": convert_gcd.dino_vit_to_flax(
+          {k: stored.get(k, np.zeros_like(v)) for k, v in torch_backbone.items()}),
+      "head": convert_gcd.simgcd_head_to_flax(prefixed(ref, "init/momentum/projector/"))}
+  state = optim.with_momentum_buffers(tx.init(params), momentum)
+  updates, state = tx.update(grads, state, params)
+  after = optax.apply_updates(params, updates)
+  buffers = optim.momentum_buffers(state, params)
+  trained = set(stored)
+  out = {}
+  for name, tree in (("after", after), ("after/momentum", buffers)):
+    out.update({f"{name}/backbone/{k}": v
+                for k, v in convert_gcd.flax_to_dino_vit(tree["backbone"]).items()
+                if k in trained})
+    out.update({f"{name}/projector/{k}": v
+                for k, v in convert_gcd.flax_to_simgcd_head(tree["head"]).items()
+                if k != "1.last_layer.weight_g"})
+  return out
+
+
+def official_step(ref: dict) -> dict:
+  """Every output of the official step, by ggr_jax alone, from the stored inputs."""
+  features, _ = backbone_gradients(ref, {})
+  cand, g_z, head_grads = heads_and_coordinator(ref, features["fwd/Z"], features["fwd/Zref"])
+  _, backbone_grads = backbone_gradients(ref, g_z)
+  trained = set(prefixed(ref, "init/momentum/backbone/"))
+  cand.update(features)
+  for variant, grads in backbone_grads.items():
+    cand.update({f"{variant}/grad/backbone/{k}": v
+                 for k, v in convert_gcd.flax_to_dino_vit(grads).items() if k in trained})
+    step = sgd_step(ref, {"backbone": grads, "head": head_grads})
+    cand.update({f"{variant}/{k}": v for k, v in step.items()})
+  return {k: np.asarray(v) for k, v in cand.items()}

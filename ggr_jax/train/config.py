@@ -134,6 +134,9 @@ def _optimizer(cfg: ml_collections.ConfigDict) -> None:
   optim_cfg = cfg.optim
   if optim_cfg.get("schedule", "usb_cosine") not in optim.SCHEDULES:
     _choice(cfg, "optim.schedule", optim.SCHEDULES)
+  for prefix, lr in (optim_cfg.get("group_lr", None) or {}).items():
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+      _fail(f"optim.group_lr.{prefix}", lr, "must be a learning rate > 0")
   if optim_cfg.get("decay", "kernels") not in optim.DECAYS:
     _choice(cfg, "optim.decay", optim.DECAYS)
   if "schedule" in optim_cfg:

@@ -28,7 +28,7 @@ import ggr_jax
 NAMED = ("sgd", "adamw", "lion", "muon")
 # usb_cosine: the official GGR/USB cosine; warmup_step: linear warm-up then step decay
 # (SemiMeta on SVHN/CIFAR); warmup_cosine: linear warm-up then half-cosine (SemiMeta ImageNet)
-SCHEDULES = ("usb_cosine", "warmup_step", "warmup_cosine")
+SCHEDULES = ("usb_cosine", "warmup_step", "warmup_cosine", "constant")
 DECAYS = ("kernels", "all")
 # The keyword each optimizer takes its decay mask under, where it decays decoupled.
 _DECOUPLED_MASK = {"adamw": "mask", "lion": "mask", "muon": "weight_decay_mask"}
@@ -58,18 +58,22 @@ def warmup_step_schedule(lr: float, warmup_steps: int, milestones, factor: float
   return lambda count: jnp.where(count < warmup_steps, warmup(count), decay(count))
 
 
-def learning_rate(cfg: ml_collections.ConfigDict) -> Callable:
-  """The run's learning-rate schedule, ``optim.schedule`` (see :data:`SCHEDULES`)."""
+def learning_rate(cfg: ml_collections.ConfigDict, lr: float | None = None) -> Callable:
+  """The run's learning-rate schedule, ``optim.schedule`` (see :data:`SCHEDULES`), from
+  ``optim.lr`` or the base rate ``lr`` (a parameter group's)."""
   optim, steps = cfg.optim, cfg.train.steps
+  lr = optim.lr if lr is None else lr
   kind = optim.get("schedule", "usb_cosine")
   if kind == "usb_cosine":
-    return usb_cosine_schedule(optim.lr, steps)
+    return usb_cosine_schedule(lr, steps)
   if kind == "warmup_step":
-    return warmup_step_schedule(optim.lr, optim.warmup_steps, optim.milestones,
+    return warmup_step_schedule(lr, optim.warmup_steps, optim.milestones,
                                 optim.decay_factor)
   if kind == "warmup_cosine":  # linear warm-up, then lr * (1 + cos(pi t / T)) / 2 to 0
-    return optax.warmup_cosine_decay_schedule(0.0, optim.lr, max(optim.warmup_steps, 1),
+    return optax.warmup_cosine_decay_schedule(0.0, lr, max(optim.warmup_steps, 1),
                                               max(steps, optim.warmup_steps + 1))
+  if kind == "constant":
+    return optax.constant_schedule(lr)
   raise ValueError(f"optim.schedule = {kind!r}; choose one of {SCHEDULES}.")
 
 
@@ -118,10 +122,39 @@ def _parameters(fn: Callable) -> tuple[str, ...]:
     return ()
 
 
-def make_base_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Weight decay and the optimizer of ``cfg.optim``, on the schedule (no rectifier)."""
+def make_base_optimizer(cfg: ml_collections.ConfigDict,
+                        trainable: Callable[[Any], Any] | None = None
+                        ) -> optax.GradientTransformation:
+  """Weight decay and the optimizer of ``cfg.optim``, on the schedule (no rectifier).
+
+  Parameter groups: ``optim.group_lr`` maps a '/'-joined parameter path prefix (e.g.
+  ``backbone``) to its own base learning rate on the same schedule (the first matching
+  prefix wins; the rest use ``optim.lr``), as a PyTorch optimizer's param groups with
+  their own ``lr``. ``trainable`` (``params -> bools``) freezes the leaves it marks
+  ``False``: they get no update, no weight decay and no optimizer state.
+  """
+  groups = dict(cfg.optim.get("group_lr", None) or {})
+  if not groups and trainable is None:
+    return _optimizer(cfg, learning_rate(cfg))
+  transforms = {"default": _optimizer(cfg, learning_rate(cfg)), "frozen": optax.set_to_zero()}
+  transforms.update({f"group:{prefix}": _optimizer(cfg, learning_rate(cfg, lr))
+                     for prefix, lr in groups.items()})
+
+  def labels(params: Any) -> Any:
+    label = jax.tree.map(lambda _: "default", params)
+    for prefix in reversed(list(groups)):  # the first matching prefix wins
+      label = jax.tree.map(lambda old, hit, p=prefix: f"group:{p}" if hit else old, label,
+                           ggr_jax.scope_from_prefix(prefix)(params))
+    if trainable is not None:
+      label = jax.tree.map(lambda old, keep: old if keep else "frozen", label,
+                           trainable(params))
+    return label
+
+  return optax.multi_transform(transforms, labels)
+
+
+def _optimizer(cfg: ml_collections.ConfigDict, schedule: Callable) -> optax.GradientTransformation:
   optim = cfg.optim
-  schedule = learning_rate(cfg)
   kwargs = dict(optim.kwargs.to_dict()) if "kwargs" in optim else {}
   if optim.name == "sgd":
     kwargs.setdefault("momentum", optim.momentum)
@@ -136,6 +169,43 @@ def make_base_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransfo
                      factory(schedule, **kwargs))
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
-  """rectify -> the configured optimizer (with its weight decay), on the schedule."""
-  return optax.chain(make_rectifier(cfg.ggr), make_base_optimizer(cfg))
+def make_optimizer(cfg: ml_collections.ConfigDict,
+                   trainable: Callable[[Any], Any] | None = None
+                   ) -> optax.GradientTransformationExtraArgs:
+  """rectify -> the configured optimizer (with its weight decay), on the schedule;
+  ``trainable`` as in :func:`make_base_optimizer`."""
+  return optax.chain(make_rectifier(cfg.ggr), make_base_optimizer(cfg, trainable))
+
+
+def _is_trace(node: Any) -> bool:
+  return isinstance(node, optax.TraceState)
+
+
+def _is_masked(node: Any) -> bool:
+  return isinstance(node, optax.MaskedNode)
+
+
+def momentum_buffers(state: Any, like: Any) -> Any:
+  """The momentum (``optax.trace``) of every parameter in an optimizer state, as a tree
+  like the params ``like``; zeros where no trace holds a leaf (frozen parameters). The
+  layout PyTorch's SGD keeps as ``momentum_buffer``."""
+  merged = jax.tree.map(jnp.zeros_like, like)
+  for node in jax.tree.leaves(state, is_leaf=_is_trace):
+    if _is_trace(node):
+      merged = jax.tree.map(lambda old, new: old if _is_masked(new) else new, merged,
+                            node.trace, is_leaf=_is_masked)
+  return merged
+
+
+def with_momentum_buffers(state: Any, buffers: Any) -> Any:
+  """``state`` with every trace leaf replaced by ``buffers``' (a params-like tree), e.g.
+  to continue a PyTorch run's SGD momentum."""
+
+  def fill(node: Any) -> Any:
+    if not _is_trace(node):
+      return node
+    trace = jax.tree.map(lambda old, new: old if _is_masked(old) else jnp.asarray(new, old.dtype),
+                         node.trace, buffers, is_leaf=_is_masked)
+    return node._replace(trace=trace)
+
+  return jax.tree.map(fill, state, is_leaf=_is_trace)
