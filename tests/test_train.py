@@ -189,7 +189,7 @@ def test_per_sample_terms_sum_to_the_auxiliary_loss(algorithm, split):
   assert 0 < float(jnp.mean(is_id)) < 1  # the unlabeled batch mixes ID and OOD images
 
 
-@pytest.mark.parametrize("algorithm", ["fixmatch", "iomatch"])
+@pytest.mark.parametrize("algorithm", ["iomatch"])  # the heads beside the backbone too
 def test_per_sample_step_by_jvp_and_by_rows_agree(algorithm, split):
   results = []
   for method in ("jvp", "materialize"):
