@@ -21,11 +21,14 @@ def get_config() -> ml_collections.ConfigDict:
   # and top-5). data_dir: the tfds data directory or the ImageNet-30 root ("" = the tfds
   # default). max_test_images: evaluate on the first N test images only (0 = all).
   # unlabeled_excludes_labeled: leave the labeled images out of the unlabeled set
-  # (SemiMeta's protocol; FixMatch and GGR keep them).
+  # (SemiMeta's protocol; FixMatch and GGR keep them). protocol "gcd" (category
+  # discovery, digits): id_classes are the Old classes, prop_labeled of their training
+  # images labeled, the other classes New (ggr_jax.data.gcd).
   cfg.dataset = ml_collections.ConfigDict(dict(
       name="digits", protocol="openset", id_classes=(0, 1, 2, 3, 4, 5), labels_per_class=5,
       test_fraction=0.3, num_id_classes=50, in30_labels="p1", imagenet_subset="1pct",
-      image_size=256, data_dir="", max_test_images=0, unlabeled_excludes_labeled=False))
+      image_size=256, data_dir="", max_test_images=0, unlabeled_excludes_labeled=False,
+      prop_labeled=0.5))
   # BatchNorm momentum (PyTorch convention): the official 0.001 averages over ~1000
   # steps, too slow for a 2000-step run; 0.01 keeps eval-mode statistics current.
   cfg.model = ml_collections.ConfigDict(dict(backbone="cnn", bn_momentum=0.01))

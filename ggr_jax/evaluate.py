@@ -355,3 +355,22 @@ def category_discovery_accuracy(pred: np.ndarray, labels: np.ndarray,
   old = np.isin(labels, np.asarray(list(old_classes)))
   share = lambda m: float(np.mean(hit[m])) if m.any() else float("nan")
   return {"all": float(np.mean(hit)), "old": share(old), "new": share(~old)}
+
+
+def category_discovery_metrics(logits_unlabeled: np.ndarray, y_unlabeled: np.ndarray,
+                               logits_test: np.ndarray, y_test: np.ndarray,
+                               num_old_classes: int) -> dict[str, Any]:
+  """The GCD protocol's figures: All/Old/New accuracy on the unlabeled training images
+  (``gcd_*``, the official transductive metric) and on the test split (``gcd_test_*``),
+  each under its own Hungarian assignment; ``closed_acc`` is the test All accuracy (the
+  figure runs and sweeps compare), ``closed_per_class_acc`` the test recall per class
+  under that assignment's cluster names (raw argmax)."""
+  old = range(num_old_classes)
+  num_classes = _logits_2d(logits_test, "logits_test").shape[1]
+  train = category_discovery_accuracy(np.argmax(logits_unlabeled, -1), y_unlabeled, old)
+  test = category_discovery_accuracy(np.argmax(logits_test, -1), y_test, old)
+  return {"protocol": "gcd", "closed_acc": test["all"],
+          **{f"gcd_{k}": v for k, v in train.items()},
+          **{f"gcd_test_{k}": v for k, v in test.items()},
+          "closed_per_class_acc": per_class_accuracy(np.argmax(logits_test, -1), y_test,
+                                                     num_classes).tolist()}

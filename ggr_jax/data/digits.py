@@ -21,6 +21,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from ggr_jax.data.gcd import make_gcd_split
 from ggr_jax.data.openset import OpenSetSplit, make_closed_split, make_openset_split
 
 
@@ -88,3 +89,23 @@ def digits_closed_split(*, labels_per_class: int, seed: int, test_fraction: floa
   mean, std = _pixel_stats(x_train)
   return make_closed_split(x_train, y_train, x_test, y_test, labels_per_class=labels_per_class,
                            seed=seed, mean=mean, std=std, name="digits_closed")
+
+
+def digits_gcd_split(*, old_classes: Sequence[int] = (0, 1, 2, 3, 4), prop_labeled: float = 0.5,
+                     seed: int, test_fraction: float = 0.3, split_seed: int = 0
+                     ) -> OpenSetSplit:
+  """The category-discovery digits split ``"digits_gcd"``: Old digits ``old_classes``
+  (half of their training images labeled), the other digits New
+  (:func:`ggr_jax.data.gcd.make_gcd_split`); train/test split and normalisation as
+  :func:`digits_split`.
+
+  Example:
+    >>> split = digits_gcd_split(seed=0)
+    >>> split.num_classes, split.num_old_classes, int(split.y_labeled.max())
+    (10, 5, 4)
+  """
+  x_train, y_train, x_test, y_test = load_digits_arrays(test_fraction, split_seed)
+  mean, std = _pixel_stats(x_train)
+  return make_gcd_split(x_train, y_train, x_test, y_test, old_classes=old_classes,
+                        prop_labeled=prop_labeled, seed=seed, mean=mean, std=std,
+                        name="digits_gcd")

@@ -64,6 +64,9 @@ class OpenSetSplit:
       where the labeled set comes from another data set (ImageNet's tfds subsets).
     mean, std: per-channel normalisation on the [0, 1] scale.
     name: a short identifier such as ``"digits_6_4"``.
+    num_old_classes: for a category-discovery split (:mod:`ggr_jax.data.gcd`), the
+      number of Old (labeled) classes, labels ``0..num_old_classes-1``; the New classes
+      follow up to ``num_classes - 1``. ``None`` for the SSL protocols.
   """
 
   x_labeled: np.ndarray
@@ -83,6 +86,7 @@ class OpenSetSplit:
   mean: tuple[float, ...]
   std: tuple[float, ...]
   name: str
+  num_old_classes: int | None = None
 
   @property
   def is_closed_set(self) -> bool:

@@ -11,7 +11,7 @@ BACKBONES = ("cnn", "wrn28_2", "wrn28_8", "resnet18", "resnet18_official", "resn
 
 
 def build_model(backbone: str, num_classes: int, head: str = "none",
-                bn_momentum: float = 0.001) -> OpenSetNet:
+                bn_momentum: float = 0.001, **head_sizes: int) -> OpenSetNet:
   """``OpenSetNet`` with the named backbone; the backbone's parameters sit under ``backbone``.
 
   ``bn_momentum`` is the PyTorch-convention share of each batch in the BatchNorm
@@ -21,7 +21,8 @@ def build_model(backbone: str, num_classes: int, head: str = "none",
   (Bottleneck blocks, layers [2, 2, 2, 2], 2048 features), ``resnet50`` the standard
   ResNet-50 (ImageNet with 1% labels). ``wrn28_8`` is WRN-28-8, the closed-set
   CIFAR-100 backbone of FixMatch. ``convlarge`` is SemiMeta's 13-layer ConvLarge (channel
-  dropout: a train-mode forward needs a ``dropout`` rng).
+  dropout: a train-mode forward needs a ``dropout`` rng). ``head_sizes``: further
+  :class:`OpenSetNet` sizes (``gcd_hidden``, ``gcd_bottleneck``).
   """
   if backbone == "cnn":
     from ggr_jax.models.cnn import SmallCNN  # pylint: disable=import-outside-toplevel
@@ -37,4 +38,4 @@ def build_model(backbone: str, num_classes: int, head: str = "none",
     net = getattr(resnet, backbone)(num_classes, bn_momentum=bn_momentum)
   else:
     raise ValueError(f"Unknown backbone {backbone!r}; choose one of {BACKBONES}.")
-  return OpenSetNet(backbone=net, num_classes=num_classes, head=head)
+  return OpenSetNet(backbone=net, num_classes=num_classes, head=head, **head_sizes)

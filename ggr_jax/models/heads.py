@@ -14,8 +14,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ggr_jax.models import inits
+from ggr_jax.models.gcd_head import GCDHead
 
-HeadKind = Literal["none", "iomatch", "openmatch"]
+HeadKind = Literal["none", "iomatch", "openmatch", "gcd"]
 
 
 class OpenSetNet(nn.Module):
@@ -25,12 +26,18 @@ class OpenSetNet(nn.Module):
   ``feat_proj`` (projection MLP, ReLU), ``logits_open`` (K+1 classes) and
   ``logits_mb`` (multi-binary, ``(N, 2, K)``: index 0 outlier, 1 inlier); with
   ``head="openmatch"`` also ``logits_ova`` (one-vs-all, ``(N, 2, K)``, same layout).
+  With ``head="gcd"`` (category discovery) ``logits`` are the cosine prototypes of
+  SimGCD's head (:class:`~ggr_jax.models.gcd_head.GCDHead`, ``gcd_hidden`` and
+  ``gcd_bottleneck`` wide) on ``feat``, and ``proj`` its bottleneck features; the
+  backbone's own classifier is not used.
   """
 
   backbone: nn.Module
   num_classes: int
   head: HeadKind = "none"
   proj_size: int = 128
+  gcd_hidden: int = 2048
+  gcd_bottleneck: int = 256
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
@@ -52,6 +59,11 @@ class OpenSetNet(nn.Module):
       ova = nn.Dense(2 * k, use_bias=False, kernel_init=inits.xavier_normal,
                      name="ova_classifier")(feat)
       out["logits_ova"] = ova.reshape(ova.shape[0], 2, k)
+    elif self.head == "gcd":
+      gcd = GCDHead(k, hidden_dim=self.gcd_hidden, bottleneck_dim=self.gcd_bottleneck,
+                    name="gcd_head")(feat)
+      out["logits"], out["proj"] = gcd["logits"], gcd["proj"]
     elif self.head != "none":
-      raise ValueError(f"head must be 'none', 'iomatch' or 'openmatch', got {self.head!r}.")
+      raise ValueError(f"head must be 'none', 'iomatch', 'openmatch' or 'gcd', got "
+                       f"{self.head!r}.")
     return out

@@ -32,9 +32,10 @@ import ml_collections
 ApplyFn = Callable[[Any, Any, jax.Array, bool], tuple[dict, Any]]
 ViewKind = str  # "weak" | "strong"
 
-# the data protocols (``dataset.protocol``): open-set SSL and closed-set SSL; category
-# discovery comes next
-PROTOCOLS = ("openset", "closed")
+# the data protocols (``dataset.protocol``): open-set SSL, closed-set SSL, generalized
+# category discovery (labeled Old classes, unlabeled Old + New; ggr_jax.data.gcd)
+PROTOCOLS = ("openset", "closed", "gcd")
+SSL_PROTOCOLS = ("openset", "closed")
 OOD_SCORES = ("msp", "iomatch", "ova")  # see ggr_jax.evaluate.ood_score
 SOURCES = ("labeled", "unlabeled", "selected")
 
@@ -43,7 +44,8 @@ SOURCES = ("labeled", "unlabeled", "selected")
 class LossContext:
   """What a loss function may read. ``cfg`` is the algorithm's own config block;
   ``state`` its :attr:`Algorithm.init_state` pytree as of this step; ``learning_rate``
-  the optimizer's learning rate at this step (a scalar; ``None`` outside a run).
+  the optimizer's learning rate at this step and ``epoch`` the step's epoch
+  (``step // train.steps_per_epoch``; scalars, ``None`` outside a run).
 
   ``apply_fn(params, model_state, x, train, rng=None)``: a train-mode forward draws its
   dropout from ``rng``, or, without one, from the step's dropout key (the same for every
@@ -59,6 +61,7 @@ class LossContext:
   cfg: ml_collections.ConfigDict
   state: Any = None
   learning_rate: jax.Array | None = None
+  epoch: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -167,7 +170,10 @@ class Algorithm:
     labeled_views: the views :attr:`supervised_loss` reads.
     supervised_loss: ``(outputs of labeled_views, batch, cfg) -> scalar``, the same
       anchor ``losses`` returns, for an anchor from a forward of the labeled views alone.
-    head: the model head (``ggr_jax.models.heads.OpenSetNet``): none, iomatch, openmatch.
+    head: the model head (``ggr_jax.models.heads.OpenSetNet``): none, iomatch, openmatch,
+      gcd.
+    head_sizes: ``cfg -> {OpenSetNet size field: int}`` from the block (e.g. the GCD
+      head's ``gcd_hidden``, ``gcd_bottleneck``).
     batch_sizes: ``(cfg.train, cfg) -> {source: rows}`` for every source of ``views``.
     init_state: ``(num_unlabeled, cfg) -> pytree`` carried in the train state,
       checkpointed, replicated; ``Losses.state`` and :attr:`epoch_hook` replace it.
@@ -193,12 +199,13 @@ class Algorithm:
   labeled_views: tuple[str, ...]
   supervised_loss: Callable[[list, Mapping[str, jax.Array], Any], jax.Array]
   head: str = "none"
+  head_sizes: Callable[[ml_collections.ConfigDict], dict[str, int]] = lambda cfg: {}
   batch_sizes: Callable[..., dict[str, int]] = default_batch_sizes
   init_state: Callable[[int, ml_collections.ConfigDict], Any] = no_state
   source_mask: Callable[[Any], jax.Array] | None = None
   epoch_hook: Callable[[EpochContext], Any] | None = None
   ood_score: str = "msp"
-  protocols: tuple[str, ...] = PROTOCOLS
+  protocols: tuple[str, ...] = SSL_PROTOCOLS
   validate: Callable[[ml_collections.ConfigDict, Callable], None] | None = None
   view_pair: ViewPair | None = None
   check_run: Callable[[ml_collections.ConfigDict, Mapping[str, int] | None, Callable], None] \

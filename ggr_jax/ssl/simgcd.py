@@ -17,6 +17,12 @@ The teacher temperature falls linearly from 0.07 to 0.04 over the first 30 epoch
 (``np.linspace(0.07, 0.04, 30)[epoch]``, 0.04 from epoch 29 on). Every loss is written
 with masks over fixed-size arrays, so a jitted step takes any number of labeled rows;
 with no labeled row ``cls`` and ``supcon`` are 0 (the official code would give NaN).
+
+As an algorithm (``simgcd``, protocol ``gcd``) the supervised side ``w (cls + supcon)``
+is the anchor and the unsupervised side ``(1 - w) (cluster + contrast)`` the auxiliary
+loss, so GGR can rectify the latter against the former. A batch holds two weak views of
+``batch_size`` labeled and ``batch_size * uratio`` unlabeled images (``uratio = 1``: the
+official sampler's 50/50 on average, here exactly).
 """
 
 from __future__ import annotations
@@ -25,7 +31,11 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
+
+from ggr_jax.ssl import common
+from ggr_jax.ssl.interface import Algorithm, LossContext, Losses
 
 STUDENT_TEMPERATURE = 0.1
 SUPCON_TEMPERATURE = 0.07
@@ -139,3 +149,77 @@ def simgcd_terms(logits: jax.Array, proj: jax.Array, labels: jax.Array,
   terms["total"] = ((1 - sup_weight) * (terms["cluster"] + terms["contrastive"])
                     + sup_weight * (terms["cls"] + terms["supcon"]))
   return terms
+
+
+VIEWS = {"labeled": {"x_lb_0": "weak", "x_lb_1": "weak"},
+         "unlabeled": {"x_ulb_0": "weak", "x_ulb_1": "weak"}}
+LABELED_VIEWS = ("x_lb_0", "x_lb_1")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """SimGCD's released settings (DINO head 2048 -> 256; memax 2 as CIFAR-100's)."""
+  return ml_collections.ConfigDict(dict(
+      sup_weight=0.35, memax_weight=2.0, teacher_temp=0.04, warmup_teacher_temp=0.07,
+      teacher_warmup_epochs=30, hidden_dim=2048, bottleneck_dim=256))
+
+
+def _teacher_temp(cfg: ml_collections.ConfigDict, epoch) -> jax.Array:
+  return teacher_temperature(0 if epoch is None else epoch, cfg.teacher_warmup_epochs,
+                             cfg.warmup_teacher_temp, cfg.teacher_temp)
+
+
+def _terms(cfg: ml_collections.ConfigDict, outputs: list[dict], labels: jax.Array,
+           labeled: jax.Array, epoch) -> Mapping[str, jax.Array]:
+  """``outputs``: view 0 then view 1 of the same images."""
+  logits = jnp.concatenate([o["logits"] for o in outputs])
+  proj = jnp.concatenate([o["proj"] for o in outputs])
+  return simgcd_terms(logits, proj, labels, labeled, _teacher_temp(cfg, epoch),
+                      memax_weight=cfg.memax_weight, sup_weight=cfg.sup_weight)
+
+
+def supervised_loss(labeled: list[dict], batch: dict, cfg) -> jax.Array:
+  """``w (cls + supcon)`` from the two labeled views alone."""
+  y = batch["y_lb"]
+  terms = _terms(cfg, labeled, y, jnp.ones(y.shape, bool), None)
+  return cfg.sup_weight * (terms["cls"] + terms["supcon"])
+
+
+def losses(ctx: LossContext) -> Losses:
+  """One forward on both views of the labeled and unlabeled images; rows ordered as the
+  official ``[view 0 of every image; view 1 of every image]``."""
+  cfg, batch = ctx.cfg, ctx.batch
+  (lb0, ulb0, lb1, ulb1), new_state = common.forward_concat(
+      ctx.apply_fn, ctx.params, ctx.model_state,
+      [batch["x_lb_0"], batch["x_ulb_0"], batch["x_lb_1"], batch["x_ulb_1"]])
+  n_ulb = batch["x_ulb_0"].shape[0]
+  labels = jnp.concatenate([batch["y_lb"], jnp.zeros((n_ulb,), batch["y_lb"].dtype)])
+  labeled = jnp.concatenate([jnp.ones(batch["y_lb"].shape, bool), jnp.zeros((n_ulb,), bool)])
+  view0 = {k: jnp.concatenate([lb0[k], ulb0[k]]) for k in ("logits", "proj")}
+  view1 = {k: jnp.concatenate([lb1[k], ulb1[k]]) for k in ("logits", "proj")}
+  terms = _terms(cfg, [view0, view1], labels, labeled, ctx.epoch)
+  w = cfg.sup_weight
+  return Losses(
+      supervised={"cls": w * terms["cls"], "supcon": w * terms["supcon"]},
+      auxiliary={"cluster": (1 - w) * terms["cluster"],
+                 "contrastive": (1 - w) * terms["contrastive"]},
+      model_state=new_state,
+      metrics={"losses/distill": terms["distill"], "losses/me_max": terms["me_max"],
+               "monitors/teacher_temp": _teacher_temp(cfg, ctx.epoch)})
+
+
+def validate(cfg: ml_collections.ConfigDict, fail) -> None:
+  if not 0.0 <= cfg.sup_weight <= 1.0:
+    fail("sup_weight", cfg.sup_weight, "must be a number in [0, 1]")
+  for name in ("teacher_temp", "warmup_teacher_temp"):
+    if not cfg[name] > 0:
+      fail(name, cfg[name], "must be a temperature > 0")
+  for name in ("hidden_dim", "bottleneck_dim", "teacher_warmup_epochs"):
+    if isinstance(cfg[name], bool) or not isinstance(cfg[name], int) or cfg[name] < 1:
+      fail(name, cfg[name], "must be an integer >= 1")
+
+
+ALGORITHM = Algorithm(
+    name="simgcd", default_config=default_config, losses=losses, views=VIEWS,
+    labeled_views=LABELED_VIEWS, supervised_loss=supervised_loss, head="gcd",
+    head_sizes=lambda cfg: {"gcd_hidden": cfg.hidden_dim, "gcd_bottleneck": cfg.bottleneck_dim},
+    protocols=("gcd",), validate=validate)

@@ -148,7 +148,8 @@ def build(cfg: ml_collections.ConfigDict, data: DataSpec, mesh: Mesh | None = No
     config_lib.check_run(cfg, {"labeled": data.num_labeled, "unlabeled": data.num_unlabeled})
   if model is None:
     model = build_model(cfg.model.backbone, data.num_classes, algorithm.head,
-                        bn_momentum=cfg.model.bn_momentum)
+                        bn_momentum=cfg.model.bn_momentum,
+                        **algorithm.head_sizes(step_lib.algorithm_config(cfg)))
   tx = optim.make_optimizer(cfg)
   train_step = step_lib.make_train_step(cfg, model, tx, data.mean, data.std, mesh)
   eval_forward = step_lib.make_eval_forward(model, data.mean, data.std, cfg.augment.crop)

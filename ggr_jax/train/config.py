@@ -12,13 +12,13 @@ from ggr_jax import ssl
 from ggr_jax.data import imagenet_subset
 from ggr_jax.evaluate import THRESHOLD_RULES
 from ggr_jax.models import BACKBONES
-from ggr_jax.ssl.interface import PROTOCOLS
+from ggr_jax.ssl.interface import PROTOCOLS, SSL_PROTOCOLS
 from ggr_jax.train import optim, step as step_lib
 
 DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagenet30", "imagenet")
 # the protocols (ggr_jax.ssl.interface.PROTOCOLS) each data set has (ImageNet-30 is
 # open-set, ImageNet's 1%/10% closed)
-DATASET_PROTOCOLS = {"digits": PROTOCOLS, "cifar10": PROTOCOLS, "cifar100": PROTOCOLS,
+DATASET_PROTOCOLS = {"digits": PROTOCOLS, "cifar10": SSL_PROTOCOLS, "cifar100": SSL_PROTOCOLS,
                      "svhn": ("closed",), "imagenet30": ("openset",), "imagenet": ("closed",)}
 ANCHORS = ("joint", "labeled")
 SCOPES = ("backbone", "all")
@@ -70,7 +70,7 @@ def _dataset(cfg: ml_collections.ConfigDict) -> None:
   _choice(cfg, "dataset.protocol", PROTOCOLS)
   if cfg.dataset.protocol not in DATASET_PROTOCOLS[name]:
     _fail("dataset.protocol", cfg.dataset.protocol,
-          f"dataset {name!r} has the protocol {DATASET_PROTOCOLS[name][0]!r} only")
+          f"dataset {name!r} has the protocols {', '.join(DATASET_PROTOCOLS[name])}")
   algorithm = ssl.get(cfg.algorithm)
   if cfg.dataset.protocol not in algorithm.protocols:
     _fail("dataset.protocol", cfg.dataset.protocol,
@@ -203,6 +203,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _fail("train.seed", cfg.train.seed, "must be a non-negative integer")
   _dataset(cfg)
   _number(cfg, "dataset.test_fraction", 0.0, 1.0, low_open=True, high_open=True)
+  _number(cfg, "dataset.prop_labeled", 0.0, 1.0, low_open=True, high_open=True)
   if not 0 <= cfg.augment.pad:
     _fail("augment.pad", cfg.augment.pad, "must be >= 0")
   _positive_int(cfg, "augment.num_ops")

@@ -16,7 +16,7 @@ import numpy as np
 
 from ggr_jax import evaluate, rundir
 from ggr_jax.data import imagenet30, imagenet_subset, openset, tfds_sources
-from ggr_jax.data.digits import digits_closed_split, digits_split
+from ggr_jax.data.digits import digits_closed_split, digits_gcd_split, digits_split
 from ggr_jax.data.openset import OpenSetSplit
 from ggr_jax.train import build as build_lib
 from ggr_jax.train import config as config_lib
@@ -100,7 +100,10 @@ def _load_split(cfg: ml_collections.ConfigDict) -> OpenSetSplit:
   ds, seed = cfg.dataset, cfg.train.seed
   data_dir = ds.data_dir or None
   closed = ds.get("protocol", "openset") == "closed"
-  if ds.name == "digits" and closed:
+  if ds.name == "digits" and ds.get("protocol") == "gcd":
+    split = digits_gcd_split(old_classes=tuple(ds.id_classes), prop_labeled=ds.prop_labeled,
+                             seed=seed, test_fraction=ds.test_fraction)
+  elif ds.name == "digits" and closed:
     split = digits_closed_split(labels_per_class=ds.labels_per_class, seed=seed,
                                 test_fraction=ds.test_fraction)
   elif ds.name == "digits":
@@ -235,6 +238,11 @@ class Trainer:
     forward = self.program.eval_forward
     params = {"ema": state.ema_params, "raw": state.params}[weights]
     out_id = step_lib.predict(forward, params, state.batch_stats, s.x_test_id, bs)
+    if s.num_old_classes is not None:  # category discovery: transductive and test
+      out_ulb = step_lib.predict(forward, params, state.batch_stats, s.x_unlabeled, bs)
+      return evaluate.category_discovery_metrics(out_ulb["logits"], s.y_unlabeled,
+                                                 out_id["logits"], s.y_test_id,
+                                                 s.num_old_classes)
     if s.is_closed_set:  # labels read after the images: on-demand tables cached them
       return {"protocol": "closed",
               **evaluate.closed_set_metrics(out_id["logits"], s.y_test_id[:], s.num_classes)}
@@ -353,10 +361,14 @@ class Trainer:
       if values:
         diag[f"mean_{k}"] = float(np.mean(values))
     nan = float("nan")
-    protocol = {"protocol": "closed", "top5_acc": ev.get("top5_acc", nan),
-                "mean_class_acc": ev["mean_class_acc"]} if self.split.is_closed_set else {
-                    "protocol": "openset", "open_per_class_acc": list(ev["per_class_acc"]),
-                    "threshold": ev["threshold"]}
+    if ev.get("protocol") == "gcd":
+      protocol = {k: v for k, v in ev.items() if k.startswith(("gcd_", "protocol"))}
+    elif self.split.is_closed_set:
+      protocol = {"protocol": "closed", "top5_acc": ev.get("top5_acc", nan),
+                  "mean_class_acc": ev["mean_class_acc"]}
+    else:
+      protocol = {"protocol": "openset", "open_per_class_acc": list(ev["per_class_acc"]),
+                  "threshold": ev["threshold"]}
     return {
         "closed_acc": ev["closed_acc"], "open_bacc": ev.get("open_bacc", nan),
         "auroc": ev.get("auroc", nan),

@@ -152,7 +152,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
     def loss_fn(params):
       out = algo.losses(LossContext(step_apply, params, state.batch_stats, batch, rng,
                                     state.step, algo_cfg, state.algo_state,
-                                    learning_rate=schedule(state.step)))
+                                    learning_rate=schedule(state.step),
+                                    epoch=state.step // cfg.train.steps_per_epoch))
       sup, aux = out.sup, out.aux
       metrics = {**out.metrics, **loss_metrics(out)}
       terms = out.sample_aux
