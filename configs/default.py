@@ -53,12 +53,21 @@ def get_config() -> ml_collections.ConfigDict:
       # the first rectified step: before it the update is the plain sum (the official
       # GGR-OpenMatch starts at OpenMatch's start_fix; the grid's OpenMatch cells do too)
       start_step=0))
+  # EAGC's gradient coordinator (ggr_jax.train.eagc): terms "off", "eep" (elastic energy
+  # projection of the feature cotangent), "aga" (anchoring to the reference), "both";
+  # aperture of the conceptor, beta (EEP strength), aga_weight (lambda), momentum of the
+  # labeled energy's EMA, reference_steps of supervised-only training for the reference
+  # model (0: the initial model). Official SimGCD scripts: 2.0, 0.5, 0.7, 0.95.
+  cfg.eagc = ml_collections.ConfigDict(dict(
+      terms="off", aperture=2.0, beta=0.5, aga_weight=0.7, momentum=0.95,
+      reference_steps=200))
   # name: sgd (official: coupled L2 then Nesterov SGD), adamw, lion, muon, or any optax
   # optimizer name with kwargs passed on (set them in a config file); momentum and
   # nesterov are SGD's. Weight decay is decoupled where the optimizer takes it
   # (adamw, lion, muon), coupled L2 otherwise (ggr_jax.train.optim).
   # schedule: "usb_cosine" (official GGR), "warmup_step" (linear warm-up over warmup_steps,
-  # then x decay_factor after each of milestones), "warmup_cosine" (warm-up, half-cosine).
+  # then x decay_factor after each of milestones), "warmup_cosine" (warm-up, half-cosine),
+  # "cosine" (half-cosine to lr * 1e-3, SimGCD's), "constant".
   # decay: weight decay on "kernels" (official GGR) or on "all" parameters (torch SGD).
   # group_lr: {parameter path prefix: base lr} on the same schedule (e.g. SimGCD's
   # backbone at 0.1 beside heads at optim.lr = 1.0); "constant": no schedule.

@@ -23,8 +23,7 @@ def get_config():
   cfg.dataset.update(protocol="gcd", id_classes=(0, 1, 2, 3, 4), prop_labeled=0.5)
   cfg.ggr.mode = "sum"
   cfg.train.update(batch_size=32, uratio=1)
-  cfg.optim.update(lr=0.1, nesterov=False, weight_decay=5e-5, ema=0.0,
-                   schedule="warmup_cosine", warmup_steps=0)
+  cfg.optim.update(lr=0.1, nesterov=False, weight_decay=5e-5, ema=0.0, schedule="cosine")
   cfg.simgcd.update(hidden_dim=256, bottleneck_dim=64, memax_weight=2.0,
                     teacher_warmup_epochs=max(1, cfg.train.steps * 15 // 100
                                               // cfg.train.steps_per_epoch))

@@ -110,6 +110,19 @@ def aga_coefficient(labeled: jax.Array, feature_dim: int, weight: float,
   return jnp.where(count > 0, weight / (jnp.maximum(count, 1) * feature_dim) * scale, 0.0)
 
 
+def anchoring_loss(z: jax.Array, zhat: jax.Array, labeled: jax.Array,
+                   weight: float) -> jax.Array:
+  """``weight / (2 N_l D) * sum_labeled |z_i - sg(zhat_i)|^2`` (0 without labeled rows):
+  the loss whose gradient at ``z`` is AGA's term. Adding it to the supervised loss
+  instead of editing the cotangent keeps AGA out of the auxiliary gradient when the two
+  are pulled back apart (the edit is affine in the cotangent, so it would be added once
+  per pullback)."""
+  mask = labeled.astype(z.dtype)[:, None]
+  count = jnp.sum(labeled)
+  sq = jnp.sum(mask * (z - jax.lax.stop_gradient(zhat)) ** 2)
+  return jnp.where(count > 0, weight * sq / (2 * jnp.maximum(count, 1) * z.shape[-1]), 0.0)
+
+
 class CotangentEdit(NamedTuple):
   """What the backward pass of :func:`coordinate` needs (all without gradient)."""
 

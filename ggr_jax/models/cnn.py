@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ggr_jax.models import inits
-from ggr_jax.models.layers import BatchNorm
+from ggr_jax.models.layers import BatchNorm, FeatureTap
 
 
 class SmallCNN(nn.Module):
@@ -36,5 +36,6 @@ class SmallCNN(nn.Module):
     h = conv_bn(h, 2 * self.width, "block2a")
     h = conv_bn(h, 2 * self.width, "block2b")
     feat = jnp.mean(h, axis=(1, 2))
+    feat = FeatureTap(name="feature")(feat)
     logits = nn.Dense(self.num_classes, kernel_init=inits.xavier_normal, name="fc")(feat)
     return {"feat": feat, "logits": logits}

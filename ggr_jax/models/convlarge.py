@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ggr_jax.models import inits
-from ggr_jax.models.layers import BatchNorm
+from ggr_jax.models.layers import BatchNorm, FeatureTap
 
 # (output channels, kernel, padding) of block1..block9; None marks pool + dropout
 _LAYOUT = ((128, 3, "SAME"), (128, 3, "SAME"), (128, 3, "SAME"), None,
@@ -80,6 +80,7 @@ class ConvLarge(nn.Module):
                     epsilon=self.bn_eps, name=f"block{block}_1")(h)
       h = nn.leaky_relu(h, self.leaky_slope)
     feat = jnp.mean(h, axis=(1, 2))
+    feat = FeatureTap(name="feature")(feat)
     logits = nn.Dense(self.num_classes, kernel_init=inits.torch_default_kernel,
                       bias_init=inits.torch_default_bias(feat.shape[-1]), name="fc")(feat)
     return {"feat": feat, "logits": logits}

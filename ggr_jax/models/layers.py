@@ -77,3 +77,16 @@ class BatchNorm(nn.Module):
   def normalize(self, x: jnp.ndarray, mean: jnp.ndarray, var: jnp.ndarray) -> jnp.ndarray:
     """``(x - mean) / sqrt(var + epsilon)``, the input of the affine ``scale, bias``."""
     return (x - mean) * jnp.reciprocal(jnp.sqrt(var + self.epsilon))
+
+
+class FeatureTap(nn.Module):
+  """The identity at a backbone's output feature (before its classifier and the heads).
+
+  It has no parameters; it marks the one point where every consumer of the feature
+  branches off, so a gradient control (EAGC's coordinator) can wrap the feature there
+  with ``flax.linen.intercept_methods`` and edit the whole cotangent of ``feat``.
+  """
+
+  @nn.compact
+  def __call__(self, feat: jnp.ndarray) -> jnp.ndarray:
+    return feat

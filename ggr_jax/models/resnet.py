@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ggr_jax.models import inits
-from ggr_jax.models.layers import BatchNorm
+from ggr_jax.models.layers import BatchNorm, FeatureTap
 
 BlockKind = Literal["basic", "bottleneck"]
 _EXPANSION = {"basic": 1, "bottleneck": 4}
@@ -110,6 +110,7 @@ class ResNet(nn.Module):
         h = ResidualBlock(self.block, planes, stride, self.bn_momentum, self.bn_eps,
                           name=f"layer{stage + 1}_{i}")(h, train)
     feat = jnp.mean(h, axis=(1, 2))
+    feat = FeatureTap(name="feature")(feat)
     width = feat.shape[-1]
     logits = nn.Dense(self.num_classes, kernel_init=inits.torch_default_kernel,
                       bias_init=inits.torch_default_bias(width), name="fc")(feat)

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import traverse_util
 
+from ggr_jax.models.layers import FeatureTap
+
 LN_EPS = 1e-6
 
 
@@ -100,7 +102,8 @@ class VisionTransformer(nn.Module):
       h = Block(self.dim, self.heads, self.mlp_ratio, name=f"blocks_{i}")(h)
     if self.grad_from_block >= self.depth:
       h = jax.lax.stop_gradient(h)
-    return {"feat": nn.LayerNorm(LN_EPS, use_fast_variance=False, name="norm")(h)[:, 0]}
+    feat = nn.LayerNorm(LN_EPS, use_fast_variance=False, name="norm")(h)[:, 0]
+    return {"feat": FeatureTap(name="feature")(feat)}
 
 
 def vit_small(**kwargs: Any) -> VisionTransformer:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ggr_jax.models import inits
-from ggr_jax.models.layers import BatchNorm
+from ggr_jax.models.layers import BatchNorm, FeatureTap
 
 _PAD3 = ((1, 1), (1, 1))  # symmetric, also at stride 2 ('SAME' would pad (0, 1))
 
@@ -108,5 +108,6 @@ class WideResNet(nn.Module):
     h = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                   epsilon=self.bn_eps, name="bn1")(h)
     feat = jnp.mean(nn.leaky_relu(h, self.leaky_slope), axis=(1, 2))
+    feat = FeatureTap(name="feature")(feat)
     logits = nn.Dense(self.num_classes, kernel_init=inits.xavier_normal, name="fc")(feat)
     return {"feat": feat, "logits": logits}

@@ -6,7 +6,7 @@ algorithm calls the model; ``outputs`` is the dict of :class:`~ggr_jax.models.he
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +15,20 @@ import optax
 ApplyFn = Callable[[Any, Any, jax.Array, bool], tuple[dict, Any]]
 
 
-def forward_concat(apply_fn: ApplyFn, params, model_state, parts: list[jax.Array], train=True):
-  """One forward on the concatenation of ``parts``; outputs split back per part."""
+def forward_concat(apply_fn: ApplyFn, params, model_state, parts: list[jax.Array], train=True,
+                   labeled: Sequence[bool] | None = None):
+  """One forward on the concatenation of ``parts``; outputs split back per part.
+
+  ``labeled`` (one flag per part) tells the forward which rows are labeled images, for
+  a gradient control that treats them apart (EAGC); mark the algorithm's main forward.
+  """
   sizes = [p.shape[0] for p in parts]
-  outputs, new_state = apply_fn(params, model_state, jnp.concatenate(parts, axis=0), train)
+  x = jnp.concatenate(parts, axis=0)
+  if labeled is None:
+    outputs, new_state = apply_fn(params, model_state, x, train)
+  else:
+    rows = jnp.concatenate([jnp.full((n,), flag, bool) for n, flag in zip(sizes, labeled)])
+    outputs, new_state = apply_fn(params, model_state, x, train, labeled=rows)
   bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
   split = [{k: v[bounds[i]:bounds[i + 1]] for k, v in outputs.items()} for i in range(len(parts))]
   return split, new_state

@@ -34,7 +34,8 @@ def losses(ctx: LossContext) -> Losses:
   """One forward on labeled, weak and strong views; ``sup = CE``, ``aux = lambda_u * unsup``."""
   cfg, batch = ctx.cfg, ctx.batch
   (lb, ulb_w, ulb_s), new_state = common.forward_concat(
-      ctx.apply_fn, ctx.params, ctx.model_state, [batch["x_lb"], batch["x_ulb_w"], batch["x_ulb_s"]])
+      ctx.apply_fn, ctx.params, ctx.model_state, [batch["x_lb"], batch["x_ulb_w"], batch["x_ulb_s"]],
+      labeled=(True, False, False))
   sup = supervised_loss([lb], batch, cfg)
   probs = jax.nn.softmax(jax.lax.stop_gradient(ulb_w["logits"]))
   mask = (jnp.max(probs, axis=-1) >= cfg.p_cutoff).astype(probs.dtype)

@@ -85,7 +85,8 @@ def losses(ctx: LossContext) -> Losses:
   """
   cfg, batch = ctx.cfg, ctx.batch
   (lb, ulb_w, ulb_s), new_model_state = common.forward_concat(
-      ctx.apply_fn, ctx.params, ctx.model_state, [batch["x_lb"], batch["x_ulb_w"], batch["x_ulb_s"]])
+      ctx.apply_fn, ctx.params, ctx.model_state, [batch["x_lb"], batch["x_ulb_w"], batch["x_ulb_s"]],
+      labeled=(True, False, False))
   _, sup_closed, sup_mb = supervised_parts([lb], batch, cfg)
 
   t = iomatch_targets(ulb_w["logits"], ulb_w["logits_mb"], p_cutoff=cfg.p_cutoff,

@@ -96,8 +96,10 @@ def _forwards(ctx: LossContext, fix_on: jax.Array) -> tuple[list[dict], object]:
   main = [batch[k] for k in ("x_lb_w0", "x_lb_w1", "x_ulb_w0", "x_ulb_w1")]
   selected = [batch[k] for k in SELECTED_VIEWS]
   if ctx.cfg.selected_forward == "joint":
-    return common.forward_concat(ctx.apply_fn, ctx.params, ctx.model_state, main + selected)
-  outputs, state = common.forward_concat(ctx.apply_fn, ctx.params, ctx.model_state, main)
+    return common.forward_concat(ctx.apply_fn, ctx.params, ctx.model_state, main + selected,
+                                 labeled=(True, True, False, False) + (False,) * len(selected))
+  outputs, state = common.forward_concat(ctx.apply_fn, ctx.params, ctx.model_state, main,
+                                         labeled=(True, True, False, False))
 
   def second(state):
     return common.forward_concat(ctx.apply_fn, ctx.params, state, selected)

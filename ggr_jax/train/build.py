@@ -26,7 +26,7 @@ from ggr_jax import ssl
 from ggr_jax.data import augment
 from ggr_jax.models import build_model
 from ggr_jax.ssl.interface import Algorithm, EpochContext
-from ggr_jax.train import config as config_lib, feeds, optim, step as step_lib
+from ggr_jax.train import config as config_lib, eagc, feeds, optim, step as step_lib
 from ggr_jax.train.state import TrainState, create_train_state, make_apply_fn
 
 
@@ -80,7 +80,8 @@ class Program:
     """The initial train state, replicated over the mesh."""
     algo, algo_cfg, n = self.algorithm, self.algo_cfg, self.data.num_unlabeled
     state = create_train_state(self.model, self.tx, self.data.image_shape, self.cfg.train.seed,
-                               lambda: algo.init_state(n, algo_cfg))
+                               lambda: algo.init_state(n, algo_cfg),
+                               eagc.init_state if eagc.enabled(self.cfg) else None)
     return jax.device_put(state, self.replicated)
 
   def feed(self, arrays: dict[str, np.ndarray], state: TrainState, start: int) -> feeds.Feed:

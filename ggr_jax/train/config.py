@@ -13,7 +13,7 @@ from ggr_jax.data import imagenet_subset
 from ggr_jax.evaluate import THRESHOLD_RULES
 from ggr_jax.models import BACKBONES
 from ggr_jax.ssl.interface import PROTOCOLS, SSL_PROTOCOLS
-from ggr_jax.train import optim, step as step_lib
+from ggr_jax.train import eagc, optim, step as step_lib
 
 DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagenet30", "imagenet")
 # the protocols (ggr_jax.ssl.interface.PROTOCOLS) each data set has (ImageNet-30 is
@@ -152,6 +152,27 @@ def _optimizer(cfg: ml_collections.ConfigDict) -> None:
     _number(cfg, "optim.decay_factor", 0.0, float("inf"), high_open=True)
 
 
+def _eagc(cfg: ml_collections.ConfigDict) -> None:
+  _choice(cfg, "eagc.terms", eagc.TERMS)
+  if cfg.eagc.terms == "off":
+    return
+  _number(cfg, "eagc.aperture", 0.0, float("inf"), low_open=True, high_open=True)
+  _number(cfg, "eagc.beta", 0.0, float("inf"), high_open=True)
+  _number(cfg, "eagc.aga_weight", 0.0, float("inf"), high_open=True)
+  _number(cfg, "eagc.momentum", 0.0, 1.0, high_open=True)
+  steps = cfg.eagc.reference_steps
+  if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+    _fail("eagc.reference_steps", steps, "must be an integer >= 0 (0: the initial model is "
+          "the reference)")
+  if cfg.ggr.granularity == "per_sample" or cfg.ggr.sample_diagnostics:
+    _fail("eagc.terms", cfg.eagc.terms, "EAGC's feature-cotangent edit has no forward-mode "
+          "derivative, which per-sample geometry needs; set --config.ggr.granularity=global "
+          "and --config.ggr.sample_diagnostics=False")
+  if cfg.ggr.anchor == "labeled":
+    _fail("eagc.terms", cfg.eagc.terms, "a labeled-only anchor would leave out EAGC's "
+          "edit; set --config.ggr.anchor=joint")
+
+
 def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
   """Raises :class:`ConfigError` naming the first invalid field and its allowed values."""
   _choice(cfg, "algorithm", ssl.names())
@@ -202,6 +223,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   if not isinstance(cfg.train.seed, int) or cfg.train.seed < 0:
     _fail("train.seed", cfg.train.seed, "must be a non-negative integer")
   _dataset(cfg)
+  _eagc(cfg)
   _number(cfg, "dataset.test_fraction", 0.0, 1.0, low_open=True, high_open=True)
   _number(cfg, "dataset.prop_labeled", 0.0, 1.0, low_open=True, high_open=True)
   if not 0 <= cfg.augment.pad:

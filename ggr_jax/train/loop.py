@@ -20,7 +20,7 @@ from ggr_jax.data.digits import digits_closed_split, digits_gcd_split, digits_sp
 from ggr_jax.data.openset import OpenSetSplit
 from ggr_jax.train import build as build_lib
 from ggr_jax.train import config as config_lib
-from ggr_jax.train import distributed, step as step_lib
+from ggr_jax.train import distributed, eagc, step as step_lib
 from ggr_jax.train.checkpoint import CheckpointWriteError, Checkpointer
 from ggr_jax.train.feeds import split_arrays
 from ggr_jax.train.metrics_log import MetricsLog, NullLog
@@ -228,7 +228,28 @@ class Trainer:
   def restore(self, ckpt: Checkpointer) -> TrainState:
     """The newest checkpoint of the workdir, or a fresh state."""
     state = self.program.init_state()
-    return state if ckpt.latest_step() is None else ckpt.restore(state)
+    if ckpt.latest_step() is not None:
+      return ckpt.restore(state)
+    return self._from_reference(state) if eagc.enabled(self.cfg) else state
+
+  def _from_reference(self, state: TrainState) -> TrainState:
+    """EAGC's first stage (:mod:`ggr_jax.train.eagc`): the reference run in
+    ``<workdir>/reference`` (resumed if interrupted), then the state started from it."""
+    reference = state
+    if self.cfg.eagc.reference_steps > 0:
+      trainer = Trainer(eagc.reference_config(self.cfg), self.workdir / "reference",
+                        progress=self.progress, devices=list(self.mesh.devices.flat))
+      if trainer.run() is None:
+        raise Interrupted("a signal during the reference run")
+      ckpt = Checkpointer(trainer.workdir)
+      reference = trainer.restore(ckpt)
+      ckpt.close()
+    feats = step_lib.predict(self.program.eval_forward, reference.params,
+                             reference.batch_stats, self.split.x_labeled,
+                             self.cfg.train.eval_batch_size)["feat"]
+    state = eagc.from_reference(state, reference.params, reference.batch_stats, feats,
+                                self.cfg.eagc.aperture)
+    return jax.device_put(state, self.program.replicated)
 
   def evaluate(self, state: TrainState, weights: str = "ema") -> dict[str, Any]:
     """Closed-set accuracy (ID test) and open-set metrics (full test) with the EMA

@@ -28,7 +28,7 @@ import ggr_jax
 NAMED = ("sgd", "adamw", "lion", "muon")
 # usb_cosine: the official GGR/USB cosine; warmup_step: linear warm-up then step decay
 # (SemiMeta on SVHN/CIFAR); warmup_cosine: linear warm-up then half-cosine (SemiMeta ImageNet)
-SCHEDULES = ("usb_cosine", "warmup_step", "warmup_cosine", "constant")
+SCHEDULES = ("usb_cosine", "warmup_step", "warmup_cosine", "cosine", "constant")
 DECAYS = ("kernels", "all")
 # The keyword each optimizer takes its decay mask under, where it decays decoupled.
 _DECOUPLED_MASK = {"adamw": "mask", "lion": "mask", "muon": "weight_decay_mask"}
@@ -72,6 +72,8 @@ def learning_rate(cfg: ml_collections.ConfigDict, lr: float | None = None) -> Ca
   if kind == "warmup_cosine":  # linear warm-up, then lr * (1 + cos(pi t / T)) / 2 to 0
     return optax.warmup_cosine_decay_schedule(0.0, lr, max(optim.warmup_steps, 1),
                                               max(steps, optim.warmup_steps + 1))
+  if kind == "cosine":  # SimGCD's CosineAnnealingLR (per step here) down to lr * 1e-3
+    return optax.cosine_decay_schedule(lr, max(steps, 1), alpha=1e-3)
   if kind == "constant":
     return optax.constant_schedule(lr)
   raise ValueError(f"optim.schedule = {kind!r}; choose one of {SCHEDULES}.")

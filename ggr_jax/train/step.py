@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ggr_jax import per_sample, ssl
 from ggr_jax.data import augment, crops, sampling
 from ggr_jax.ssl.interface import Algorithm, LossContext, Losses
-from ggr_jax.train import optim
+from ggr_jax.train import eagc, optim
 from ggr_jax.train.state import TrainState, make_apply_fn
 
 DIAGNOSTICS = ("cos_before", "cos_after", "conflict", "aux_norm_kept")
@@ -131,6 +131,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
   scope_fn = optim.scope_fn(ggr)
 
   labeled_anchor = ggr.anchor == "labeled"
+  eagc_on = eagc.enabled(cfg)
 
   streamed = cfg.train.input == "stream"
 
@@ -150,12 +151,21 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
       return jax.grad(sup_only)(state.params)
 
     def loss_fn(params):
-      out = algo.losses(LossContext(step_apply, params, state.batch_stats, batch, rng,
+      records: list = []
+      apply = (eagc.coordinated_apply(step_apply, cfg.eagc, state.coordinator, records)
+               if eagc_on else step_apply)
+      out = algo.losses(LossContext(apply, params, state.batch_stats, batch, rng,
                                     state.step, algo_cfg, state.algo_state,
                                     learning_rate=schedule(state.step),
                                     epoch=state.step // cfg.train.steps_per_epoch))
       sup, aux = out.sup, out.aux
       metrics = {**out.metrics, **loss_metrics(out)}
+      coordinator = state.coordinator
+      if eagc_on:
+        record = eagc.single_record(records, algo.name)
+        sup = sup + record.aga_loss  # AGA is an anchoring loss on the labeled rows
+        metrics.update(eagc.metrics(record))
+        coordinator = {**state.coordinator, "mu": record.step.mu}
       terms = out.sample_aux
       if terms is None:
         if per_sample_on:
@@ -165,13 +175,14 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
       is_id = out.sample_is_id if out.sample_is_id is not None else \
           jnp.ones(terms.shape, bool)
       new_algo_state = state.algo_state if out.state is None else out.state
-      return (sup, aux, terms), (out.model_state, metrics, is_id, new_algo_state)
+      return (sup, aux, terms), (out.model_state, metrics, is_id,
+                                 (new_algo_state, coordinator))
 
     extra = {}
     if per_sample_on:
       # One linearisation serves everything: its transpose gives both gradients, its
       # JVPs give every sample's inner products with any direction.
-      (sup, aux, terms), lin_fn, (new_stats, metrics, is_id, algo_state) = jax.linearize(
+      (sup, aux, terms), lin_fn, (new_stats, metrics, is_id, carried) = jax.linearize(
           loss_fn, state.params, has_aux=True)
       transpose = jax.linear_transpose(lin_fn, state.params)
       zero_terms = jnp.zeros_like(terms)
@@ -185,7 +196,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
       if ggr.granularity == "per_sample":
         extra["aux_sample_dots"] = dots
     else:
-      (sup, aux, terms), vjp_fn, (new_stats, metrics, _, algo_state) = jax.vjp(
+      (sup, aux, terms), vjp_fn, (new_stats, metrics, _, carried) = jax.vjp(
           loss_fn, state.params, has_aux=True)
       one, zero, zero_terms = jnp.ones_like(sup), jnp.zeros_like(sup), jnp.zeros_like(terms)
       if ggr.split_gradients:
@@ -208,9 +219,10 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
         "monitors/finite": (jnp.isfinite(sup + aux) & jnp.isfinite(optax.tree.norm(g_sup))
                             & jnp.isfinite(optax.tree.norm(g_aux))).astype(jnp.float32),
     }
+    algo_state, coordinator = carried
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
                               opt_state=opt_state, ema_params=ema_params,
-                              algo_state=algo_state)
+                              algo_state=algo_state, coordinator=coordinator)
     return new_state, metrics
 
   if mesh is None:

@@ -1,0 +1,144 @@
+"""EAGC in the run layer: the reference stage, the coordinator state, the coordinated forward.
+
+With ``eagc.terms`` other than ``"off"``, a run of any algorithm that marks its labeled
+rows (``common.forward_concat(..., labeled=...)``) is trained in EAGC's two stages:
+
+1. **Reference.** The same model and algorithm, trained on the supervised loss alone
+   (``ggr.mode = "sum"``, ``ggr.aux_weight = 0``) for ``eagc.reference_steps`` steps, in
+   ``<workdir>/reference`` (a run of its own: checkpointed, resumable). ``0`` takes the
+   initial model as the reference (a pretrained backbone).
+2. **Coordinated training.** The training model's backbone starts from the reference's
+   (the heads start fresh, as officially); the conceptor ``C`` of the reference features
+   of every labeled image (eval mode, no augmentation; computed in float64) and their mean
+   energy ``mu_0`` are computed once. Each step, the algorithm's marked forward runs the
+   frozen reference on the same rows (``zhat``) and passes the backbone feature through
+   :func:`ggr_jax.coordinator.coordinate` at the model's ``FeatureTap``: EEP edits the
+   whole feature cotangent (supervised and auxiliary), AGA enters as its equivalent loss
+   on the supervised side (:func:`ggr_jax.coordinator.anchoring_loss`), and ``mu`` is
+   carried in ``TrainState.coordinator``.
+
+``eagc.terms``: ``"both"`` (EEP and AGA), ``"eep"``, ``"aga"``, ``"off"``. The reference
+forward here is a full second forward (the official cost); sharing a frozen ViT trunk with
+the training model is the ViT's optimisation, not done yet.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from ggr_jax import coordinator
+from ggr_jax.models.layers import FeatureTap
+
+TERMS = ("off", "eep", "aga", "both")
+
+
+def enabled(cfg: ml_collections.ConfigDict) -> bool:
+  return cfg.get("eagc", {}).get("terms", "off") != "off"
+
+
+def reference_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The stage-1 run: the same model, algorithm and data on the supervised loss alone."""
+  ref = ml_collections.ConfigDict(cfg.to_dict())
+  steps = cfg.eagc.reference_steps
+  ref.eagc.terms = "off"
+  ref.ggr.update(mode="sum", aux_weight=0.0, granularity="global", sample_diagnostics=False)
+  ref.train.update(steps=steps, eval_every=steps, log_every=min(cfg.train.log_every, steps),
+                   checkpoint_every=min(cfg.train.checkpoint_every, steps))
+  return ref
+
+
+def init_state(feature_dim: int, params: Any, batch_stats: Any) -> dict[str, Any]:
+  """The coordinator state's layout (filled by :func:`from_reference`)."""
+  return {"c": jnp.zeros((feature_dim, feature_dim), jnp.float32),
+          "mu": jnp.zeros((), jnp.float32),
+          "reference": {"params": params, "batch_stats": batch_stats}}
+
+
+def from_reference(state: Any, reference_params: Any, reference_stats: Any,
+                   labeled_features: np.ndarray, aperture: float) -> Any:
+  """``state`` with the backbone (parameters, statistics, EMA) taken from the reference
+  and the coordinator filled: ``C`` and ``mu_0`` of the labeled set's features."""
+  with jax.enable_x64(True):
+    feats = jnp.asarray(np.asarray(labeled_features, np.float64))
+    c = coordinator.conceptor(feats, aperture)
+    mu = coordinator.reference_energy(feats, c)
+    c, mu = np.asarray(c, np.float32), np.float32(mu)
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the step donates every buffer once
+  params = {**state.params, "backbone": copy(reference_params["backbone"])}
+  stats = dict(state.batch_stats)
+  if "backbone" in reference_stats:
+    stats["backbone"] = copy(reference_stats["backbone"])
+  return state.replace(
+      params=params, batch_stats=stats, ema_params=jax.tree.map(jnp.copy, params),
+      coordinator={"c": jnp.asarray(c), "mu": jnp.asarray(mu),
+                   "reference": {"params": copy(reference_params),
+                                 "batch_stats": copy(reference_stats)}})
+
+
+class Record(NamedTuple):
+  """What a coordinated forward computed (read by the step inside the same trace)."""
+
+  step: coordinator.CoordinatorStep
+  aga_loss: jax.Array
+
+
+def coordinated_apply(apply_fn: Callable, eagc: ml_collections.ConfigDict, state: Any,
+                      records: list) -> Callable:
+  """``apply_fn`` whose train-mode forwards with ``labeled`` rows are coordinated; each
+  appends its :class:`Record` to ``records``."""
+
+  def apply(params, batch_stats, x, train, rng=None, labeled=None):
+    if not train or labeled is None:
+      return apply_fn(params, batch_stats, x, train, rng)
+    ref = state["reference"]
+    zhat = jax.lax.stop_gradient(
+        apply_fn(ref["params"], ref["batch_stats"], x, True, rng)[0]["feat"])
+
+    def interceptor(next_fun, args, kwargs, context):
+      if not isinstance(context.module, FeatureTap) or context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+      z = next_fun(*args, **kwargs)
+      step = coordinator.coordinator_step(
+          z, zhat, labeled, state["c"], state["mu"], beta=eagc.beta, aga_weight=0.0,
+          momentum=eagc.momentum, eep=eagc.terms in ("eep", "both"), aga=False)
+      aga = (coordinator.anchoring_loss(z, zhat, labeled, eagc.aga_weight)
+             if eagc.terms in ("aga", "both") else jnp.zeros((), z.dtype))
+      records.append(Record(step, aga))
+      return coordinator.coordinate(z, step.edit)
+
+    with nn.intercept_methods(interceptor):
+      return apply_fn(params, batch_stats, x, train, rng)
+
+  return apply
+
+
+def single_record(records: list, algorithm: str) -> Record:
+  """The one coordinated forward of a step (a trace-time error otherwise)."""
+  if len(records) != 1:
+    raise ValueError(
+        f"EAGC coordinates one forward per step, but algorithm {algorithm!r} ran "
+        f"{len(records)} forwards marked with labeled rows; mark its main forward "
+        "(common.forward_concat(..., labeled=...)) or set --config.eagc.terms=off.")
+  return records[0]
+
+
+def metrics(record: Record) -> dict[str, jax.Array]:
+  """``eagc/*``: the running energy, the labeled and unlabeled rows' mean energy and
+  ``tau``, and the anchoring loss."""
+  step = record.step
+  lab = step.edit.labeled
+  unl = 1.0 - lab
+
+  def mean(x, m):
+    return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+  return {"eagc/mu": step.mu, "eagc/energy_labeled": mean(step.energy, lab),
+          "eagc/energy_unlabeled": mean(step.energy, unl),
+          "eagc/tau_unlabeled": mean(step.tau * (1.0 - lab), unl),
+          "losses/eagc_aga": record.aga_loss}
