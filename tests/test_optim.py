@@ -75,3 +75,39 @@ def test_an_unknown_optimizer_name_fails_before_compiling(name, message):
   with pytest.raises(config_lib.ConfigError, match=message) as info:
     config_lib.validate(cfg, num_devices=1)
   assert "--config.optim.name=" in str(info.value)
+
+
+def test_a_parameter_group_runs_at_its_own_rate_and_frozen_leaves_never_move():
+  cfg = _cfg("sgd")
+  cfg.optim.update(schedule="constant", momentum=0.0, nesterov=False)
+  cfg.optim.group_lr = {"head": 1.0}
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  frozen = lambda p: {"backbone": {"kernel": True, "bias": False}, "head": {"kernel": True}}
+  tx = optim.make_base_optimizer(cfg, frozen)
+  updates, state = tx.update(grads, tx.init(PARAMS), PARAMS)
+  decayed = lambda p, lr: -lr * (1.0 + 0.01 * p)  # coupled decay on kernels
+  np.testing.assert_allclose(updates["backbone"]["kernel"], decayed(1.0, 0.1), rtol=1e-6)
+  np.testing.assert_allclose(updates["head"]["kernel"], decayed(2.0, 1.0), rtol=1e-6)
+  assert float(jnp.max(jnp.abs(updates["backbone"]["bias"]))) == 0.0
+  assert optim.momentum_buffers(state, PARAMS)["backbone"]["bias"].shape == (4,)
+
+
+def test_momentum_buffers_go_in_and_come_out_of_the_optimizer_state():
+  cfg = _cfg("sgd")
+  cfg.optim.update(schedule="constant", nesterov=False)
+  cfg.optim.group_lr = {"backbone": 0.5}
+  tx = optim.make_base_optimizer(cfg)
+  buffers = jax.tree.map(lambda p: jnp.full_like(p, 3.0), PARAMS)
+  state = optim.with_momentum_buffers(tx.init(PARAMS), buffers)
+  jax.tree.map(np.testing.assert_array_equal, optim.momentum_buffers(state, PARAMS), buffers)
+  zero = jax.tree.map(jnp.zeros_like, PARAMS)
+  updates, _ = tx.update(zero, state, PARAMS)  # the step follows the buffer: -lr * m * buf
+  np.testing.assert_allclose(updates["head"]["kernel"],
+                             -0.1 * (0.9 * 3.0 + 0.01 * 2.0), rtol=1e-6)
+
+
+def test_a_bad_group_rate_is_named():
+  cfg = _cfg("sgd")
+  cfg.optim.group_lr = {"backbone": -1.0}
+  with pytest.raises(config_lib.ConfigError, match="optim.group_lr.backbone"):
+    config_lib.validate(cfg)
