@@ -61,6 +61,8 @@ def test_a_coordinator_of_zero_strength_leaves_the_step_unchanged(algorithm):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert np.isfinite(float(metrics["eagc/mu"])) and float(metrics["eagc/tau_unlabeled"]) == 0
   assert any(not np.allclose(a, b) for a, b in zip(_leaves(zero.params), _leaves(state.params)))
+  # the analysis labels split the unlabeled rows' tau into known and novel classes
+  assert {"eagc/tau_unlabeled_known", "eagc/tau_unlabeled_novel"} <= set(metrics)
 
 
 def test_each_term_moves_the_backbone_and_leaves_the_heads_gradient_alone():

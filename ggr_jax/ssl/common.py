@@ -16,11 +16,14 @@ ApplyFn = Callable[[Any, Any, jax.Array, bool], tuple[dict, Any]]
 
 
 def forward_concat(apply_fn: ApplyFn, params, model_state, parts: list[jax.Array], train=True,
-                   labeled: Sequence[bool] | None = None):
+                   labeled: Sequence[bool] | None = None,
+                   known: Sequence[jax.Array | None] | None = None):
   """One forward on the concatenation of ``parts``; outputs split back per part.
 
   ``labeled`` (one flag per part) tells the forward which rows are labeled images, for
   a gradient control that treats them apart (EAGC); mark the algorithm's main forward.
+  ``known`` (per part: the analysis labels of its rows, True for a known class, or None
+  for a labeled part) feeds that control's diagnostics only.
   """
   sizes = [p.shape[0] for p in parts]
   x = jnp.concatenate(parts, axis=0)
@@ -28,7 +31,11 @@ def forward_concat(apply_fn: ApplyFn, params, model_state, parts: list[jax.Array
     outputs, new_state = apply_fn(params, model_state, x, train)
   else:
     rows = jnp.concatenate([jnp.full((n,), flag, bool) for n, flag in zip(sizes, labeled)])
-    outputs, new_state = apply_fn(params, model_state, x, train, labeled=rows)
+    extra = {}
+    if known is not None and all(k is not None or flag for k, flag in zip(known, labeled)):
+      extra["known"] = jnp.concatenate([jnp.ones((n,), bool) if k is None else k.astype(bool)
+                                        for n, k in zip(sizes, known)])
+    outputs, new_state = apply_fn(params, model_state, x, train, labeled=rows, **extra)
   bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
   split = [{k: v[bounds[i]:bounds[i + 1]] for k, v in outputs.items()} for i in range(len(parts))]
   return split, new_state

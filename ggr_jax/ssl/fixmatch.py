@@ -35,7 +35,8 @@ def losses(ctx: LossContext) -> Losses:
   cfg, batch = ctx.cfg, ctx.batch
   (lb, ulb_w, ulb_s), new_state = common.forward_concat(
       ctx.apply_fn, ctx.params, ctx.model_state, [batch["x_lb"], batch["x_ulb_w"], batch["x_ulb_s"]],
-      labeled=(True, False, False))
+      labeled=(True, False, False),
+      known=(None, batch.get("ulb_is_id"), batch.get("ulb_is_id")))
   sup = supervised_loss([lb], batch, cfg)
   probs = jax.nn.softmax(jax.lax.stop_gradient(ulb_w["logits"]))
   mask = (jnp.max(probs, axis=-1) >= cfg.p_cutoff).astype(probs.dtype)

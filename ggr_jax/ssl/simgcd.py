@@ -191,7 +191,8 @@ def losses(ctx: LossContext) -> Losses:
   (lb0, ulb0, lb1, ulb1), new_state = common.forward_concat(
       ctx.apply_fn, ctx.params, ctx.model_state,
       [batch["x_lb_0"], batch["x_ulb_0"], batch["x_lb_1"], batch["x_ulb_1"]],
-      labeled=(True, False, True, False))
+      labeled=(True, False, True, False),
+      known=(None, batch.get("ulb_is_id"), None, batch.get("ulb_is_id")))
   n_ulb = batch["x_ulb_0"].shape[0]
   labels = jnp.concatenate([batch["y_lb"], jnp.zeros((n_ulb,), batch["y_lb"].dtype)])
   labeled = jnp.concatenate([jnp.ones(batch["y_lb"].shape, bool), jnp.zeros((n_ulb,), bool)])

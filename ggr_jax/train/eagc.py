@@ -86,6 +86,7 @@ class Record(NamedTuple):
 
   step: coordinator.CoordinatorStep
   aga_loss: jax.Array
+  known: jax.Array | None  # analysis labels of the rows (True: a known class), if given
 
 
 def coordinated_apply(apply_fn: Callable, eagc: ml_collections.ConfigDict, state: Any,
@@ -93,7 +94,7 @@ def coordinated_apply(apply_fn: Callable, eagc: ml_collections.ConfigDict, state
   """``apply_fn`` whose train-mode forwards with ``labeled`` rows are coordinated; each
   appends its :class:`Record` to ``records``."""
 
-  def apply(params, batch_stats, x, train, rng=None, labeled=None):
+  def apply(params, batch_stats, x, train, rng=None, labeled=None, known=None):
     if not train or labeled is None:
       return apply_fn(params, batch_stats, x, train, rng)
     ref = state["reference"]
@@ -109,7 +110,7 @@ def coordinated_apply(apply_fn: Callable, eagc: ml_collections.ConfigDict, state
           momentum=eagc.momentum, eep=eagc.terms in ("eep", "both"), aga=False)
       aga = (coordinator.anchoring_loss(z, zhat, labeled, eagc.aga_weight)
              if eagc.terms in ("aga", "both") else jnp.zeros((), z.dtype))
-      records.append(Record(step, aga))
+      records.append(Record(step, aga, known))
       return coordinator.coordinate(z, step.edit)
 
     with nn.intercept_methods(interceptor):
@@ -130,7 +131,8 @@ def single_record(records: list, algorithm: str) -> Record:
 
 def metrics(record: Record) -> dict[str, jax.Array]:
   """``eagc/*``: the running energy, the labeled and unlabeled rows' mean energy and
-  ``tau``, and the anchoring loss."""
+  ``tau``, the anchoring loss; with analysis labels, ``tau`` of the unlabeled rows of
+  known (Old, ID) and of novel (New, OOD) classes apart."""
   step = record.step
   lab = step.edit.labeled
   unl = 1.0 - lab
@@ -138,7 +140,11 @@ def metrics(record: Record) -> dict[str, jax.Array]:
   def mean(x, m):
     return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
 
-  return {"eagc/mu": step.mu, "eagc/energy_labeled": mean(step.energy, lab),
-          "eagc/energy_unlabeled": mean(step.energy, unl),
-          "eagc/tau_unlabeled": mean(step.tau * (1.0 - lab), unl),
-          "losses/eagc_aga": record.aga_loss}
+  out = {"eagc/mu": step.mu, "eagc/energy_labeled": mean(step.energy, lab),
+         "eagc/energy_unlabeled": mean(step.energy, unl),
+         "eagc/tau_unlabeled": mean(step.tau, unl), "losses/eagc_aga": record.aga_loss}
+  if record.known is not None:
+    old = record.known.astype(unl.dtype)
+    out["eagc/tau_unlabeled_known"] = mean(step.tau, unl * old)
+    out["eagc/tau_unlabeled_novel"] = mean(step.tau, unl * (1.0 - old))
+  return out

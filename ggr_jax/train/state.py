@@ -40,8 +40,8 @@ def make_apply_fn(model: nn.Module, dropout_key: jax.Array | None = None) -> Cal
   forward's caller knows of its rows; this plain forward ignores it.
   """
 
-  def apply_fn(params, batch_stats, x, train, rng=None, labeled=None):
-    del labeled  # which rows are labeled: read by a coordinated forward (train.eagc)
+  def apply_fn(params, batch_stats, x, train, rng=None, labeled=None, known=None):
+    del labeled, known  # rows' roles: read by a coordinated forward (train.eagc)
     variables = {"params": params, "batch_stats": batch_stats}
     if train:
       key = dropout_key if rng is None else rng
