@@ -52,3 +52,14 @@ def test_unknown_checkpoint_names_are_refused(tiny):
   names["head.weight"] = np.zeros((3, 3))
   with pytest.raises(ValueError, match="head.weight"):
     convert_gcd.dino_vit_to_flax(names)
+
+
+def test_a_dino_checkpoint_loads_from_npz_and_a_missing_one_names_where_to_get_it(
+    tiny, tmp_path):
+  _, _, params = tiny
+  names = convert_gcd.flax_to_dino_vit(params)
+  np.savez(tmp_path / "dino.npz", **names, **{"head.last_layer.weight": np.zeros((2, 2))})
+  loaded = convert_gcd.load_dino_checkpoint(tmp_path / "dino.npz")
+  jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, params))
+  with pytest.raises(FileNotFoundError, match="dino_vitbase16_pretrain.pth"):
+    convert_gcd.load_dino_checkpoint(tmp_path / "missing.pth")

@@ -8,6 +8,7 @@ projection layer), ``1.mlp.{0,2,4}`` (the DINO MLP; GELUs at the odd indices),
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -118,3 +119,47 @@ def flax_to_dino_vit(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
       module = ({"fc1": "mlp.fc1", "fc2": "mlp.fc2"}.get(inner[0], ".".join(inner)))
       out[f"blocks.{block}.{module}.{torch_leaf}"] = value.T if leaf == "kernel" else value
   return out
+
+
+DINO_DOWNLOAD = ("https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/"
+                 "dino_vitbase16_pretrain.pth")
+
+
+def load_dino_checkpoint(path: str | Path) -> dict[str, Any]:
+  """:func:`dino_vit_to_flax` params from a DINO checkpoint file the user brings.
+
+  ``.pth`` (read with PyTorch, CPU): a plain state dict, or a full DINO training
+  checkpoint whose ``teacher`` entry holds ``backbone.*`` keys (the ``head.*`` of the
+  DINO projection head is dropped), as the official GCD code loads it. ``.npz``: the same
+  names as arrays (e.g. written once with ``numpy.savez`` where PyTorch is installed).
+  Nothing is downloaded.
+
+  Raises:
+    FileNotFoundError: the file is missing (the message names the path and where to get
+      DINO's weights).
+    ImportError: a ``.pth`` file without PyTorch installed.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"DINO checkpoint {path} not found; download {DINO_DOWNLOAD} (or the ViT-S/16 "
+        "file dino_deitsmall16_pretrain.pth) from github.com/facebookresearch/dino and "
+        "point model.pretrained at it.")
+  if path.suffix == ".npz":
+    with np.load(path) as data:
+      arrays = {k: data[k] for k in data.files}
+  else:
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ImportError(
+          f"reading {path} needs PyTorch (pip install torch), or convert it once where "
+          "PyTorch is installed: numpy.savez(out.npz, **{k: v.numpy() for k, v in "
+          "state_dict.items()}) and pass the .npz.") from None
+    state = torch.load(path, map_location="cpu")
+    if isinstance(state, dict) and "teacher" in state:
+      state = {k[len("backbone."):]: v for k, v in state["teacher"].items()
+               if k.startswith("backbone.")}
+    arrays = {k: v.detach().cpu().numpy() for k, v in state.items()}
+  arrays = {k: v for k, v in arrays.items() if not k.startswith("head.")}
+  return dino_vit_to_flax(arrays)
