@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import optax
 
 ApplyFn = Callable[[Any, Any, jax.Array, bool], tuple[dict, Any]]
+# the attribute by which an apply_fn declares it takes ``labeled=`` and ``known=`` rows
+ROW_ROLES = "takes_row_roles"
 
 
 def forward_concat(apply_fn: ApplyFn, params, model_state, parts: list[jax.Array], train=True,
@@ -23,11 +25,13 @@ def forward_concat(apply_fn: ApplyFn, params, model_state, parts: list[jax.Array
   ``labeled`` (one flag per part) tells the forward which rows are labeled images, for
   a gradient control that treats them apart (EAGC); mark the algorithm's main forward.
   ``known`` (per part: the analysis labels of its rows, True for a known class, or None
-  for a labeled part) feeds that control's diagnostics only.
+  for a labeled part) feeds that control's diagnostics only. Both reach only an
+  ``apply_fn`` that declares it takes them (:data:`ROW_ROLES`); any other is called as
+  ``apply_fn(params, model_state, x, train)``.
   """
   sizes = [p.shape[0] for p in parts]
   x = jnp.concatenate(parts, axis=0)
-  if labeled is None:
+  if labeled is None or not getattr(apply_fn, ROW_ROLES, False):
     outputs, new_state = apply_fn(params, model_state, x, train)
   else:
     rows = jnp.concatenate([jnp.full((n,), flag, bool) for n, flag in zip(sizes, labeled)])

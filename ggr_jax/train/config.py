@@ -70,7 +70,8 @@ def _dataset(cfg: ml_collections.ConfigDict) -> None:
   _choice(cfg, "dataset.protocol", PROTOCOLS)
   if cfg.dataset.protocol not in DATASET_PROTOCOLS[name]:
     _fail("dataset.protocol", cfg.dataset.protocol,
-          f"dataset {name!r} has the protocols {', '.join(DATASET_PROTOCOLS[name])}")
+          f"dataset {name!r} has the protocol{'s' if len(DATASET_PROTOCOLS[name]) > 1 else ''} "
+          f"{', '.join(map(repr, DATASET_PROTOCOLS[name]))} only")
   algorithm = ssl.get(cfg.algorithm)
   if cfg.dataset.protocol not in algorithm.protocols:
     _fail("dataset.protocol", cfg.dataset.protocol,

@@ -34,6 +34,7 @@ from flax import linen as nn
 
 from ggr_jax import coordinator
 from ggr_jax.models.layers import FeatureTap
+from ggr_jax.ssl import common
 
 TERMS = ("off", "eep", "aga", "both")
 
@@ -116,6 +117,7 @@ def coordinated_apply(apply_fn: Callable, eagc: ml_collections.ConfigDict, state
     with nn.intercept_methods(interceptor):
       return apply_fn(params, batch_stats, x, train, rng)
 
+  setattr(apply, common.ROW_ROLES, True)
   return apply
 
 

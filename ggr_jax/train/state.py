@@ -32,16 +32,13 @@ class TrainState:
 
 
 def make_apply_fn(model: nn.Module, dropout_key: jax.Array | None = None) -> Callable:
-  """``apply_fn(params, batch_stats, x, train, rng=None, labeled=None) -> (outputs,
-  new_batch_stats)``.
+  """``apply_fn(params, batch_stats, x, train, rng=None) -> (outputs, new_batch_stats)``.
 
   A train-mode forward draws dropout (models that have it) from ``rng``, else from
-  ``dropout_key``; eval mode draws nothing. ``labeled`` (bool per row of ``x``) is what a
-  forward's caller knows of its rows; this plain forward ignores it.
+  ``dropout_key``; eval mode draws nothing.
   """
 
-  def apply_fn(params, batch_stats, x, train, rng=None, labeled=None, known=None):
-    del labeled, known  # rows' roles: read by a coordinated forward (train.eagc)
+  def apply_fn(params, batch_stats, x, train, rng=None):
     variables = {"params": params, "batch_stats": batch_stats}
     if train:
       key = dropout_key if rng is None else rng
