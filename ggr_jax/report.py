@@ -39,16 +39,20 @@ from ggr_jax.rectify import MODES
 from ggr_jax.train.metrics_log import read
 
 # open-set runs report the first three, closed-set runs (dataset shown as <name>_closed)
-# the closed accuracy and top-5; a table or figure shows the metrics some run has
+# the closed accuracy and top-5, category-discovery runs (<name>_gcd) the test All
+# accuracy as "closed acc" and the transductive All/Old/New; a table or figure shows the
+# metrics some run has
 METRICS = {"closed_acc": "closed acc", "open_bacc": "open bal. acc", "auroc": "AUROC",
-           "top5_acc": "top-5 acc"}
+           "top5_acc": "top-5 acc", "gcd_all": "All (GCD)", "gcd_old": "Old (GCD)",
+           "gcd_new": "New (GCD)"}
+GCD_METRICS = ("gcd_all", "gcd_old", "gcd_new")
 OFFICIAL = {"official_closed_acc": "closed acc (official)",
             "official_open_bacc": "open bal. acc (official)", "official_auroc": "AUROC (official)"}
 BASELINE = "sum"
 KEY_FIELDS = ("algorithm", "dataset.name", "dataset.labels_per_class", "ggr.mode", "train.seed")
 # Fields that never tell two runs apart: those a resume may change.
 IGNORED = rundir.RESUMABLE_CHANGES
-CSV_FIELDS = ("cell", "algorithm", "dataset", "labels", "mode", "seed", "closed_acc",
+CSV_FIELDS = ("cell", "algorithm", "dataset", "labels", "mode", "seed", "closed_acc", *GCD_METRICS,
               "open_bacc", "auroc", "top5_acc", *OFFICIAL, "wall_s", "steps")
 
 
@@ -69,6 +73,9 @@ class Run:
   workdir: pathlib.Path
   config: dict[str, Any]
   top5_acc: float = float("nan")
+  gcd_all: float = float("nan")
+  gcd_old: float = float("nan")
+  gcd_new: float = float("nan")
   official_closed_acc: float = float("nan")
   official_open_bacc: float = float("nan")
   official_auroc: float = float("nan")
@@ -85,10 +92,14 @@ def _float(value: Any) -> float:
 
 
 def collect(root: str | pathlib.Path) -> list[Run]:
-  """Every run under ``root`` (any depth) with a readable ``summary.json``."""
+  """Every run under ``root`` (any depth) with a readable ``summary.json``, but the
+  reference stages inside EAGC runs (part of their run, not runs of the sweep)."""
   root = pathlib.Path(root)
   runs = []
   for path in sorted(root.rglob(rundir.SUMMARY)):
+    if (path.parent.name == rundir.REFERENCE
+        and rundir.path(path.parent.parent, rundir.CONFIG).exists()):
+      continue
     try:
       s = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -97,13 +108,14 @@ def collect(root: str | pathlib.Path) -> list[Run]:
     cfg = _own_blocks(s.get("config", {}))
     runs.append(Run(
         cell=str(path.parent.relative_to(root)), algorithm=cfg.get("algorithm", s.get("algorithm")),
-        dataset=cfg.get("dataset.name", "?") + (
-            "_closed" if cfg.get("dataset.protocol") == "closed" else ""),
+        dataset=cfg.get("dataset.name", "?") + {"closed": "_closed", "gcd": "_gcd"}.get(
+            cfg.get("dataset.protocol"), ""),
         labels=cfg.get("dataset.labels_per_class"), top5_acc=_float(s.get("top5_acc")),
         mode=cfg.get("ggr.mode", s.get("ggr_mode")), seed=cfg.get("train.seed", s.get("seed")),
         closed_acc=_float(s.get("closed_acc")), open_bacc=_float(s.get("open_bacc")),
         auroc=_float(s.get("auroc")), wall_s=_float(s.get("wall_s")), steps=s.get("steps"),
-        workdir=path.parent, config=cfg, **{k: _float(s.get(k)) for k in OFFICIAL}))
+        workdir=path.parent, config=cfg,
+        **{k: _float(s.get(k)) for k in (*OFFICIAL, *GCD_METRICS)}))
   _label_variants(runs)
   return runs
 

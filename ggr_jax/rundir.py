@@ -43,6 +43,8 @@ DAMAGED = "damaged"
 PENDING = "pending_metrics"
 # the run's config inside each checkpoint step folder (written with its digests)
 STEP_CONFIG = "run_config.json"
+# EAGC's reference stage: a run of its own inside the run's workdir
+REFERENCE = "reference"
 
 # Fields that may differ when a run resumes: none changes the trajectory (cadence of
 # logging, evaluation and checkpoints; how the same batches reach the device; where the

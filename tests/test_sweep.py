@@ -310,3 +310,20 @@ def test_the_closed_set_experiment_specs_are_valid_configs(spec):
     cfg = spec_lib.resolve_config(cell)
     config_lib.validate(cfg, num_devices=1)
     assert cfg.dataset.protocol == "closed"
+
+
+def test_a_gcd_report_shows_all_old_new_and_leaves_out_eagc_reference_stages(tmp_path):
+  for seed in (0, 1):
+    _fake_run(tmp_path, f"eagc-s{seed}", "simgcd", "sum", seed, (0.8, None, None),
+              **{"dataset.protocol": "gcd"})
+    summary = json.loads((tmp_path / f"eagc-s{seed}" / "summary.json").read_text())
+    summary.update(gcd_all=0.7 + seed / 10, gcd_old=0.9, gcd_new=0.6)
+    (tmp_path / f"eagc-s{seed}" / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / f"eagc-s{seed}" / "config.json").write_text("{}")
+    _fake_run(tmp_path / f"eagc-s{seed}", "reference", "simgcd", "sum", seed, (0.4, None, None),
+              **{"dataset.protocol": "gcd"})
+  runs = report.collect(tmp_path)
+  assert sorted(r.cell for r in runs) == ["eagc-s0", "eagc-s1"]  # no reference stages
+  group, = report.aggregate(runs)
+  assert group["dataset"] == "digits_gcd" and group["gcd_all_mean"] == pytest.approx(0.75)
+  assert group["gcd_new_mean"] == pytest.approx(0.6)

@@ -237,7 +237,8 @@ class Trainer:
     ``<workdir>/reference`` (resumed if interrupted), then the state started from it."""
     reference = state
     if self.cfg.eagc.reference_steps > 0:
-      trainer = Trainer(eagc.reference_config(self.cfg), self.workdir / "reference",
+      trainer = Trainer(eagc.reference_config(self.cfg),
+                        rundir.path(self.workdir, rundir.REFERENCE),
                         progress=self.progress, devices=list(self.mesh.devices.flat))
       if trainer.run() is None:
         raise Interrupted("a signal during the reference run")
