@@ -6,7 +6,8 @@ isolates the cost of the second backward pass from the cost of the geometry; the
 ``*_labeled`` variants take the anchor from a forward and backward of the labeled views
 alone (``ggr.anchor="labeled"``). For ``metasemi`` the ``meta_*`` variants time the
 meta pass: ``meta_off`` (no meta pass; the base of the ratios when listed first),
-``meta_jvp`` and ``meta_fd`` (the official finite difference).
+``meta_jvp`` and ``meta_fd`` (the official finite difference). ``eagc`` is EAGC's
+coordinated step (``--algorithms simgcd --workloads digits_gcd --variants sum,eagc``).
 Compilation is timed apart; then ``warmup`` steps, then ``steps`` steps each timed to
 ``block_until_ready`` (median and 10/90th percentiles). The step function must not
 recompile inside the loop: its jit cache size is checked and reported. Peak device
@@ -63,10 +64,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "meta_jvp": dict(mode="sum", split_gradients=False, block=dict(meta=True, method="jvp")),
     "meta_fd": dict(mode="sum", split_gradients=False,
                     block=dict(meta=True, method="finite_difference")),
+    # EAGC's coordinated step (the reference forward, energies, the edit, AGA's loss)
+    # against the algorithm's plain step ("sum"); e.g. --algorithms simgcd
+    "eagc": dict(mode="sum", split_gradients=False, eagc=dict(terms="both")),
 }
 
 
-DEFAULT_VARIANTS = tuple(v for v in VARIANTS if not v.startswith(("ggcr_", "meta_")))
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if not v.startswith(("ggcr_", "meta_", "eagc")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +97,8 @@ WORKLOADS = {
     # SemiMeta's: ConvLarge, 128 labeled + 128 unlabeled CIFAR-sized images
     "convlarge_paper": Workload("convlarge", (32, 32, 3), 128, 1, num_classes=10),
     "convlarge_cpu": Workload("convlarge", (32, 32, 3), 16, 1, num_classes=10),
+    # category discovery on digits (SimGCD's 50/50 batches, ten classes)
+    "digits_gcd": Workload("cnn", (8, 8, 1), 32, 1, num_classes=10),
 }
 
 
@@ -121,6 +127,7 @@ def _config(algorithm: str, work: Workload, variant: dict[str, Any]):
   if consistency is not None:
     cfg.algorithm = ggcr.COMPOSITIONS[algorithm]
     cfg[cfg.algorithm].consistency.update(dict(warmup_steps=0, **consistency))
+  cfg.eagc.update(variant.pop("eagc", {}))
   block = variant.pop("block", None)
   if block is not None:
     if not set(block) <= set(cfg[cfg.algorithm]):

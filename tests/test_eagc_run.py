@@ -129,3 +129,10 @@ def test_an_algorithm_that_marks_no_labeled_rows_is_named():
   program, state = coordinated_state(cfg, split)
   with pytest.raises(ValueError, match="'supervised' ran 0 forwards marked"):
     program.train_step(state, program.feed(split_arrays(split), state, 0).next(0))
+
+
+def test_the_bench_times_the_coordinated_step_as_its_own_variant():
+  from ggr_jax import bench  # pylint: disable=import-outside-toplevel
+  cfg = bench._config("simgcd", bench.WORKLOADS["digits_gcd"], bench.VARIANTS["eagc"])
+  assert cfg.eagc.terms == "both" and cfg.ggr.mode == "sum"
+  assert "eagc" not in bench.DEFAULT_VARIANTS
