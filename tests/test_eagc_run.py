@@ -136,3 +136,29 @@ def test_the_bench_times_the_coordinated_step_as_its_own_variant():
   cfg = bench._config("simgcd", bench.WORKLOADS["digits_gcd"], bench.VARIANTS["eagc"])
   assert cfg.eagc.terms == "both" and cfg.ggr.mode == "sum"
   assert "eagc" not in bench.DEFAULT_VARIANTS
+
+
+def test_a_signal_during_the_reference_run_stops_both_and_the_rerun_finishes(tmp_path,
+                                                                            monkeypatch):
+  cfg = eagc_config("both", steps=2)
+  cfg.eagc.reference_steps = 4
+  cfg.train.checkpoint_every = 2
+  fired = []
+  original = loop.Trainer.__init__
+
+  def init(self, *args, **kwargs):  # the reference trainer receives SIGTERM at its step 2
+    original(self, *args, **kwargs)
+    if self.workdir.name == "reference" and not fired:
+      def stop(step):
+        if step == 2:
+          fired.append(step)
+          signal.raise_signal(signal.SIGTERM)
+      self.on_step = stop
+
+  monkeypatch.setattr(loop.Trainer, "__init__", init)
+  assert loop.Trainer(cfg, tmp_path, progress=False).run() is None
+  monkeypatch.undo()
+  assert fired and not (tmp_path / "summary.json").exists()
+  summary = loop.train(cfg, tmp_path, progress=False)
+  reference = json.loads((tmp_path / "reference" / "summary.json").read_text())
+  assert reference["resumed_from"] == 2 and summary["steps"] == 2

@@ -240,7 +240,7 @@ class Trainer:
       trainer = Trainer(eagc.reference_config(self.cfg),
                         rundir.path(self.workdir, rundir.REFERENCE),
                         progress=self.progress, devices=list(self.mesh.devices.flat))
-      if trainer.run() is None:
+      if trainer.run() is None:  # it printed where it saved and how to resume
         raise Interrupted("a signal during the reference run")
       ckpt = Checkpointer(trainer.workdir)
       reference = trainer.restore(ckpt)
@@ -290,7 +290,11 @@ class Trainer:
     cfg, workdir = self.cfg, self.workdir
     _check_same_run(workdir, cfg)
     ckpt = Checkpointer(workdir, config=cfg.to_dict())
-    state = self.restore(ckpt)
+    try:
+      state = self.restore(ckpt)
+    except Interrupted:  # during EAGC's reference run, which saved its own checkpoint
+      ckpt.close()
+      return None
     start = int(state.step)
     primary = distributed.is_primary()  # the one process that logs, prints and summarizes
     log = MetricsLog(workdir, resume_step=start) if primary else NullLog()
