@@ -31,7 +31,13 @@ def get_config() -> ml_collections.ConfigDict:
       prop_labeled=0.5))
   # BatchNorm momentum (PyTorch convention): the official 0.001 averages over ~1000
   # steps, too slow for a 2000-step run; 0.01 keeps eval-mode statistics current.
-  cfg.model = ml_collections.ConfigDict(dict(backbone="cnn", bn_momentum=0.01))
+  # backbone: ggr_jax.models.BACKBONES; the DINO ViTs (vit_tiny, vit_small, vit_base) take
+  # vit.patch_size, vit.grad_from_block (the first trained block; earlier ones and the
+  # embeddings frozen: no update, no backward) and vit.depth (0: 12), and pretrained, a
+  # DINO checkpoint file the user brings (.pth or .npz; "" = from scratch).
+  cfg.model = ml_collections.ConfigDict(dict(
+      backbone="cnn", bn_momentum=0.01, pretrained="",
+      vit=ml_collections.ConfigDict(dict(patch_size=16, grad_from_block=11, depth=0))))
   # crop: 0 keeps the stored size; N > 0 crops N x N windows (weak: random crop, strong:
   # random-resized crop, evaluation: centre crop), as for ImageNet-30 (256 -> 224).
   cfg.augment = ml_collections.ConfigDict(dict(pad=1, flip=False, num_ops=3, cutout=0.5,

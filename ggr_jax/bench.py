@@ -99,6 +99,10 @@ WORKLOADS = {
     "convlarge_cpu": Workload("convlarge", (32, 32, 3), 16, 1, num_classes=10),
     # category discovery on digits (SimGCD's 50/50 batches, ten classes)
     "digits_gcd": Workload("cnn", (8, 8, 1), 32, 1, num_classes=10),
+    # SimGCD on DINO ViTs at 224 x 224, the last block trained (grad_from_block 11):
+    # ViT-S/16 at a CPU-sized batch, ViT-B/16 at the released batch (128 images, CIFAR-100)
+    "vit_s16_cpu": Workload("vit_small", (224, 224, 3), 4, 1, num_classes=100),
+    "vit_b16_paper": Workload("vit_base", (224, 224, 3), 64, 1, num_classes=100),
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 from typing import Any, Sequence
 
@@ -157,13 +158,24 @@ def eval_main(argv: list[str]) -> int:
 def diagnostics_main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(
       prog="ggr-jax diagnostics",
-      description="plot per-sample conflict (ID vs OOD) over training for a workdir")
-  parser.add_argument("--workdir", required=True, help="a run trained with per-sample metrics")
-  parser.add_argument("--out", default=None, help="PNG path (default WORKDIR/conflict.png)")
+      description="plot per-sample conflict (ID vs OOD) over training for a workdir, or "
+      "with --eagc EAGC's diagnostics (GDC, SOC, tau) for one or more workdirs")
+  parser.add_argument("--workdir", required=True, action="append",
+                      help="a run trained with per-sample metrics (--eagc: repeatable)")
+  parser.add_argument("--out", default=None, help="PNG path (default WORKDIR/conflict.png, "
+                      "with --eagc WORKDIR/eagc_diagnostics.png of the first)")
+  parser.add_argument("--eagc", action="store_true",
+                      help="EAGC's GDC, SOC and tau over training, one curve per workdir")
   args = parser.parse_args(argv)
   from ggr_jax import plots  # pylint: disable=import-outside-toplevel
   try:
-    path = plots.plot_conflict_diagnostics(args.workdir, args.out)
+    if args.eagc:
+      out = args.out or str(pathlib.Path(args.workdir[0]) / "eagc_diagnostics.png")
+      path = plots.plot_eagc_diagnostics(args.workdir, out)
+    elif len(args.workdir) > 1:
+      raise ValueError("per-sample conflict plots one --workdir at a time")
+    else:
+      path = plots.plot_conflict_diagnostics(args.workdir[0], args.out)
   except (ValueError, FileNotFoundError) as err:
     print(f"ggr-jax diagnostics: {err}", file=sys.stderr)
     return 2

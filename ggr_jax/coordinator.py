@@ -25,6 +25,10 @@ identity on ``Z``: the forward is free and the backward is a ``(2B, D) x (D, D)`
 No per-sample parameter gradient is formed: a row of ``G`` already is one sample's
 gradient at the features.
 
+EAGC's diagnostics: :func:`gradient_deviation` (GDC, how far the unlabeled gradient turns
+the supervised one) and :func:`subspace_overlap` (SOC, how much New-class feature energy
+lies in the Old classes' principal subspace).
+
 Example:
   >>> import jax, jax.numpy as jnp
   >>> F = jnp.array([[1.0, 0.0], [2.0, 0.0]])          # labeled features span axis 0
@@ -41,10 +45,12 @@ Example:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
 ENERGY_EPS = 1e-12  # floor of |z|^2 in the energy
 MU_EPS = 1e-6  # added to mu in the elastic coefficient
@@ -198,3 +204,36 @@ def coordinator_step(z: jax.Array, zhat: jax.Array, labeled: jax.Array, c: jax.A
       delta=z - jax.lax.stop_gradient(zhat), labeled=labeled.astype(z.dtype),
       aga_coef=coef if aga else jnp.zeros_like(coef))
   return CoordinatorStep(edit, mu, energy, ratio, tau, batch_energy)
+
+
+def gradient_deviation(g_sup: Any, g_aux: Any, mask: Any = None) -> jax.Array:
+  """EAGC's GDC diagnostic, ``1 - cos(g_sup, g_sup + g_aux)`` over the leaves ``mask``
+  marks (all by default): how far the unlabeled side turns the supervised direction
+  (0: not at all, 2: reversed). 0 where either gradient is zero."""
+  if mask is not None:
+    g_sup = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), g_sup, mask)
+    g_aux = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), g_aux, mask)
+  total = jax.tree.map(jnp.add, g_sup, g_aux)
+  dot = optax.tree.vdot(g_sup, total)
+  norms = optax.tree.norm(g_sup) * optax.tree.norm(total)
+  return jnp.where(norms > 0, 1.0 - dot / jnp.where(norms > 0, norms, 1.0), 0.0)
+
+
+def subspace_overlap(old: np.ndarray, new: np.ndarray, k: int = 16) -> float:
+  """EAGC's SOC diagnostic: ``|P_k (Z_new - m)|_F^2 / |Z_new - m|_F^2`` with the rows of
+  both sets L2-normalised, ``m`` the mean Old feature and ``P_k`` the projector on the top
+  ``k`` principal directions of the centred Old features (fewer where the Old set varies
+  along fewer): the share of New-class feature
+  energy inside the Old classes' dominant subspace (host NumPy, float64; NaN without
+  Old or New rows)."""
+  old, new = (np.asarray(a, np.float64) for a in (old, new))
+  if len(old) == 0 or len(new) == 0:
+    return float("nan")
+  unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+  old, new = unit(old), unit(new)
+  mean = old.mean(0)
+  _, sv, vt = np.linalg.svd(old - mean, full_matrices=False)
+  basis = vt[:k][sv[:k] > sv[0] * 1e-10]  # (<= k, D): directions the Old set varies along
+  centred = new - mean
+  inside = np.sum((centred @ basis.T) ** 2)
+  return float(inside / max(np.sum(centred ** 2), 1e-300))

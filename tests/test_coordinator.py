@@ -125,3 +125,38 @@ def test_bad_shapes_name_the_problem():
                                  0.5, beta=0.5, aga_weight=0.1)
   with pytest.raises(ValueError, match="aperture must be > 0"):
     coordinator.conceptor(jnp.ones((3, 4)), 0.0)
+
+
+def test_gdc_is_zero_without_unlabeled_gradient_two_when_it_reverses_and_masks_leaves():
+  g = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([3.0])}
+  zero = jax.tree.map(jnp.zeros_like, g)
+  assert float(coordinator.gradient_deviation(g, zero)) == pytest.approx(0.0, abs=1e-7)
+  reverse = jax.tree.map(lambda x: -2.0 * x, g)
+  assert float(coordinator.gradient_deviation(g, reverse)) == pytest.approx(2.0)
+  # orthogonal, equal norm: the sum is 45 degrees off
+  ortho = {"a": jnp.array([2.0, -1.0]), "b": jnp.array([0.0])}
+  sup = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([0.0])}
+  assert float(coordinator.gradient_deviation(sup, ortho)) == pytest.approx(1 - 2**-0.5)
+  # a leaf outside the mask does not count, whatever it holds
+  noisy = {**ortho, "b": jnp.array([100.0])}
+  masked = coordinator.gradient_deviation(sup, noisy, {"a": True, "b": False})
+  assert float(masked) == pytest.approx(1 - 2**-0.5)
+  assert float(coordinator.gradient_deviation(zero, g)) == 0.0
+
+
+def test_soc_is_one_inside_the_old_subspace_zero_outside_and_blind_to_row_scale():
+  rng = np.random.default_rng(0)
+  basis = np.linalg.qr(rng.normal(size=(12, 12)))[0]
+  angles = 2 * np.pi * np.arange(8) / 8  # unit Old features on a circle: mean 0, rank 2
+  old = np.cos(angles)[:, None] * basis[0] + np.sin(angles)[:, None] * basis[1]
+  inside = rng.normal(size=(5, 2)) @ basis[:2]
+  outside = rng.normal(size=(5, 3)) @ basis[4:7]
+  mixed = basis[0] + basis[5]
+  assert coordinator.subspace_overlap(old, inside) == pytest.approx(1.0)
+  assert coordinator.subspace_overlap(old, outside) == pytest.approx(0.0, abs=1e-12)
+  assert coordinator.subspace_overlap(old, mixed[None]) == pytest.approx(0.5)
+  scaled = rng.uniform(0.1, 10, size=(5, 1))
+  assert coordinator.subspace_overlap(old * 3, outside * scaled) == pytest.approx(
+      coordinator.subspace_overlap(old, outside), abs=1e-12)
+  assert coordinator.subspace_overlap(old * 3, inside * scaled) == pytest.approx(1.0)
+  assert np.isnan(coordinator.subspace_overlap(old, old[:0]))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ggr_jax import cli
 from ggr_jax.train import config as config_lib
 from ggr_jax.train import eagc, loop
 from ggr_jax.train.feeds import split_arrays
@@ -106,6 +107,18 @@ def test_a_run_trains_its_reference_first_and_resumes_exactly(tmp_path):
   records = [json.loads(line) for line in
              (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
   assert all(np.isfinite(r["eagc/mu"]) for r in records if r["split"] == "train")
+  # EAGC's diagnostics are logged over training and plot
+  train = [r for r in records if r["split"] == "train"]
+  evals = [r for r in records if r["split"] == "eval"]
+  assert all(0 <= r["diagnostics/gdc"] <= 2 for r in train)
+  assert all(0 <= r["eval/eagc_soc"] <= 1 for r in evals)
+  last = evals[-1]
+  assert 0 <= last["eval/eagc_tau_new_q10"] <= last["eval/eagc_tau_new_q50"] \
+      <= last["eval/eagc_tau_new_q90"] <= cfg.eagc.beta
+  out = tmp_path / "eagc.png"
+  assert cli.main(["diagnostics", "--eagc", f"--workdir={tmp_path / 'full'}",
+                   f"--workdir={tmp_path / 'resumed'}", f"--out={out}"]) == 0
+  assert out.stat().st_size > 10_000
 
 
 def test_settings_eagc_cannot_serve_are_refused():

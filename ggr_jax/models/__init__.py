@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
+import jax
 from flax import linen as nn
 
 from ggr_jax.models.heads import OpenSetNet
 
 BACKBONES = ("cnn", "wrn28_2", "wrn28_8", "resnet18", "resnet18_official", "resnet50",
-             "convlarge")
+             "convlarge", "vit_tiny", "vit_small", "vit_base")
+VITS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # (dim, heads)
 
 
 def build_model(backbone: str, num_classes: int, head: str = "none",
-                bn_momentum: float = 0.001, **head_sizes: int) -> OpenSetNet:
+                bn_momentum: float = 0.001, vit: dict[str, int] | None = None,
+                **head_sizes: int) -> OpenSetNet:
   """``OpenSetNet`` with the named backbone; the backbone's parameters sit under ``backbone``.
 
   ``bn_momentum`` is the PyTorch-convention share of each batch in the BatchNorm
@@ -36,6 +41,28 @@ def build_model(backbone: str, num_classes: int, head: str = "none",
   elif backbone in ("resnet18", "resnet18_official", "resnet50"):
     from ggr_jax.models import resnet  # pylint: disable=import-outside-toplevel
     net = getattr(resnet, backbone)(num_classes, bn_momentum=bn_momentum)
+  elif backbone in VITS:
+    from ggr_jax.models.vit import VisionTransformer  # pylint: disable=import-outside-toplevel
+    sizes = dict(vit or {})
+    dim, heads = VITS[backbone]
+    net = VisionTransformer(dim=dim, heads=heads, depth=sizes.pop("depth", 0) or 12,
+                            num_classes=0 if head == "gcd" else num_classes, **sizes)
   else:
     raise ValueError(f"Unknown backbone {backbone!r}; choose one of {BACKBONES}.")
   return OpenSetNet(backbone=net, num_classes=num_classes, head=head, **head_sizes)
+
+
+def trainable_leaves(model: OpenSetNet) -> Callable[[Any], Any] | None:
+  """``params -> bools``, False on the leaves the model never trains (a ViT's frozen
+  trunk and final norm, :func:`ggr_jax.models.vit.trainable_mask`); None when every leaf
+  trains."""
+  from ggr_jax.models.vit import VisionTransformer, trainable_mask  # pylint: disable=import-outside-toplevel
+  net = model.backbone
+  if not isinstance(net, VisionTransformer) or net.grad_from_block == 0:
+    return None
+
+  def mask(params: Any) -> Any:
+    out = jax.tree.map(lambda _: True, params)
+    return {**out, "backbone": trainable_mask(params["backbone"], net.grad_from_block)}
+
+  return mask

@@ -99,11 +99,14 @@ def dino_vit_to_flax(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 def flax_to_dino_vit(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """DINO ViT state-dict names and layouts of :func:`dino_vit_to_flax`'s params."""
+  """DINO ViT state-dict names and layouts of :func:`dino_vit_to_flax`'s params (a
+  classifier ``fc``, not part of DINO, is left out)."""
   out: dict[str, np.ndarray] = {}
   for path, value in traverse_util.flatten_dict(params).items():
     value = np.asarray(value)
     head, leaf = path[0], path[-1]
+    if head == "fc":
+      continue
     if head in ("cls_token", "pos_embed"):
       out[head] = value
     elif head == "patch_embed":

@@ -63,12 +63,20 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-  """A DINO ViT returning ``{"feat": (N, D)}``, the final-norm CLS token.
+  """A DINO ViT returning ``{"feat": (N, D)}``, the final-norm CLS token, and with
+  ``num_classes > 0`` also ``{"logits": ...}`` of a linear classifier ``fc`` on it (the
+  closed-set classifier the SSL algorithms read; not part of DINO's weights).
+
+  The forward is :meth:`trunk` (patch and position embeddings, blocks before
+  ``grad_from_block``) then :meth:`tail` (the trained blocks, the final norm, the feature
+  tap, the classifier). With ``grad_from_block >= 1`` the trunk is frozen, so two models
+  that share its parameters (EAGC's training and reference models) can share its output.
 
   Attributes:
     image_size, patch_size: the patch grid is ``(image_size // patch_size) ** 2``.
     dim, depth, heads, mlp_ratio: the transformer's sizes.
     grad_from_block: the first trained block (``0``: all; ``depth``: none).
+    num_classes: the classifier's width (``0``: no classifier).
   """
 
   image_size: int = 224
@@ -78,32 +86,55 @@ class VisionTransformer(nn.Module):
   heads: int = 12
   mlp_ratio: float = 4.0
   grad_from_block: int = 0
+  num_classes: int = 0
 
-  @nn.compact
+  def setup(self):
+    p, grid = self.patch_size, self.image_size // self.patch_size
+    self.patch_embed = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID")
+    self.cls_token = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, self.dim))
+    self.pos_embed = self.param("pos_embed", nn.initializers.truncated_normal(0.02),
+                                (1, grid * grid + 1, self.dim))
+    self.blocks = [Block(self.dim, self.heads, self.mlp_ratio) for _ in range(self.depth)]
+    self.norm = nn.LayerNorm(LN_EPS, use_fast_variance=False)
+    self.feature = FeatureTap()
+    if self.num_classes:
+      self.fc = nn.Dense(self.num_classes)
+
   def __call__(self, x: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
     del train  # no dropout, no BatchNorm (DINO's drop rates are 0)
+    return self.tail(self.trunk(x))
+
+  def trunk(self, x: jnp.ndarray) -> jnp.ndarray:
+    """The tokens entering block ``grad_from_block`` (a stop-gradient when it is > 0)."""
     grid = self.image_size // self.patch_size
     if x.shape[1] != x.shape[2] or x.shape[1] // self.patch_size != grid:
       raise ValueError(
           f"VisionTransformer made for {self.image_size}x{self.image_size} images "
           f"(patch {self.patch_size}) got {x.shape[1]}x{x.shape[2]}; resize the images to "
           f"{self.image_size} or set the model's image_size.")
-    p = self.patch_size
-    tokens = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID",
-                     name="patch_embed")(x)
-    tokens = tokens.reshape(x.shape[0], -1, self.dim)
-    cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, self.dim))
-    pos = self.param("pos_embed", nn.initializers.truncated_normal(0.02),
-                     (1, grid * grid + 1, self.dim))
-    h = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.dim)), tokens], 1) + pos
-    for i in range(self.depth):
-      if i == self.grad_from_block:
-        h = jax.lax.stop_gradient(h)
-      h = Block(self.dim, self.heads, self.mlp_ratio, name=f"blocks_{i}")(h)
+    tokens = self.patch_embed(x).reshape(x.shape[0], -1, self.dim)
+    cls = jnp.broadcast_to(self.cls_token, (x.shape[0], 1, self.dim))
+    h = jnp.concatenate([cls, tokens], 1) + self.pos_embed
+    for block in self.blocks[:self.grad_from_block]:
+      h = block(h)
+    return jax.lax.stop_gradient(h) if self.grad_from_block > 0 else h
+
+  def tail(self, h: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    """The trained part from the trunk's tokens: ``{"feat"}`` (and ``{"logits"}``)."""
+    for block in self.blocks[self.grad_from_block:]:
+      h = block(h)
     if self.grad_from_block >= self.depth:
       h = jax.lax.stop_gradient(h)
-    feat = nn.LayerNorm(LN_EPS, use_fast_variance=False, name="norm")(h)[:, 0]
-    return {"feat": FeatureTap(name="feature")(feat)}
+    feat = self.feature(self.norm(h)[:, 0])
+    out = {"feat": feat}
+    if self.num_classes:
+      out["logits"] = self.fc(feat)
+    return out
+
+  @property
+  def shares_trunk(self) -> bool:
+    """Whether the trunk is frozen (its output can be shared by models of equal trunks)."""
+    return self.grad_from_block >= 1
 
 
 def vit_small(**kwargs: Any) -> VisionTransformer:
@@ -117,11 +148,14 @@ def vit_base(**kwargs: Any) -> VisionTransformer:
 
 
 def trainable_mask(params: Any, grad_from_block: int) -> Any:
-  """``True`` on the leaves of blocks ``>= grad_from_block``, ``False`` elsewhere
-  (patch embedding, CLS and position embeddings, earlier blocks, the final norm)."""
+  """``True`` on the leaves of blocks ``>= grad_from_block`` and of the classifier ``fc``,
+  ``False`` elsewhere (patch embedding, CLS and position embeddings, earlier blocks, the
+  final norm), as the official recipe trains only names containing ``block``."""
   flat = traverse_util.flatten_dict(params)
 
   def trains(path: tuple[str, ...]) -> bool:
+    if path[0] == "fc":
+      return True
     block = next((part for part in path if part.startswith("blocks_")), None)
     return block is not None and int(block.split("_")[1]) >= grad_from_block
 

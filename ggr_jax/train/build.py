@@ -20,11 +20,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ggr_jax import ssl
 from ggr_jax.data import augment
-from ggr_jax.models import build_model
+
+from ggr_jax.models import VITS, build_model, convert_gcd, trainable_leaves
 from ggr_jax.ssl.interface import Algorithm, EpochContext
 from ggr_jax.train import config as config_lib, eagc, feeds, optim, step as step_lib
 from ggr_jax.train.state import TrainState, create_train_state, make_apply_fn
@@ -82,6 +84,12 @@ class Program:
     state = create_train_state(self.model, self.tx, self.data.image_shape, self.cfg.train.seed,
                                lambda: algo.init_state(n, algo_cfg),
                                eagc.init_state if eagc.enabled(self.cfg) else None)
+    if self.cfg.model.get("pretrained", ""):
+      params = pretrained_backbone(self.cfg, state.params)
+      state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+      if state.coordinator is not None:
+        state = state.replace(coordinator={**state.coordinator, "reference": {
+            **state.coordinator["reference"], "params": jax.tree.map(jnp.copy, params)}})
     return jax.device_put(state, self.replicated)
 
   def feed(self, arrays: dict[str, np.ndarray], state: TrainState, start: int) -> feeds.Feed:
@@ -137,6 +145,33 @@ def _weak_view_chunk(program: Program, params, batch_stats, images, key, first_r
   return fn(outputs, *args)
 
 
+def vit_sizes(cfg: ml_collections.ConfigDict, data: DataSpec) -> dict[str, int] | None:
+  """A ViT backbone's sizes: ``model.vit`` and the image size the step feeds it."""
+  if cfg.model.backbone not in VITS:
+    return None
+  crop = cfg.augment.get("crop", 0)
+  return {**cfg.model.vit.to_dict(), "image_size": crop or data.image_shape[0]}
+
+
+def pretrained_backbone(cfg: ml_collections.ConfigDict, params: Any) -> Any:
+  """``params`` with the backbone's leaves replaced by ``model.pretrained``'s (DINO ViT
+  weights; the classifier ``fc`` keeps its initialisation), checked leaf by leaf."""
+  loaded = flatten_dict(convert_gcd.load_dino_checkpoint(cfg.model.pretrained))
+  own = flatten_dict(params["backbone"])
+  missing = sorted("/".join(k) for k in own if k not in loaded and k[0] != "fc")
+  extra = sorted("/".join(k) for k in loaded if k not in own)
+  wrong = sorted(f"{'/'.join(k)} {np.shape(v)} (model: {own[k].shape})"
+                 for k, v in loaded.items() if k in own and np.shape(v) != own[k].shape)
+  if missing or extra or wrong:
+    raise ValueError(
+        f"model.pretrained = {cfg.model.pretrained} does not fit model.backbone = "
+        f"{cfg.model.backbone} (vit {cfg.model.vit.to_dict()}): missing {missing[:4]}, "
+        f"unexpected {extra[:4]}, shapes {wrong[:4]}; choose the backbone and "
+        "model.vit.depth / patch_size of the checkpoint.")
+  merged = {k: jnp.asarray(loaded.get(k, v), v.dtype) for k, v in own.items()}
+  return {**params, "backbone": unflatten_dict(merged)}
+
+
 def build(cfg: ml_collections.ConfigDict, data: DataSpec, mesh: Mesh | None = None,
           model: Any = None) -> Program:
   """The run of ``cfg`` on data of shape ``data`` over ``mesh`` (default: every device).
@@ -149,9 +184,9 @@ def build(cfg: ml_collections.ConfigDict, data: DataSpec, mesh: Mesh | None = No
     config_lib.check_run(cfg, {"labeled": data.num_labeled, "unlabeled": data.num_unlabeled})
   if model is None:
     model = build_model(cfg.model.backbone, data.num_classes, algorithm.head,
-                        bn_momentum=cfg.model.bn_momentum,
+                        bn_momentum=cfg.model.bn_momentum, vit=vit_sizes(cfg, data),
                         **algorithm.head_sizes(step_lib.algorithm_config(cfg)))
-  tx = optim.make_optimizer(cfg)
+  tx = optim.make_optimizer(cfg, trainable_leaves(model))
   train_step = step_lib.make_train_step(cfg, model, tx, data.mean, data.std, mesh)
   eval_forward = step_lib.make_eval_forward(model, data.mean, data.std, cfg.augment.crop)
   return Program(cfg, algorithm, data, model, tx, mesh, train_step, eval_forward)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any, Iterable
 
 import jax
@@ -11,7 +12,7 @@ from ggr_jax.rectify import BASIS_SIGNS, GRANULARITIES, MODES, PER_SAMPLE_MODES,
 from ggr_jax import ssl
 from ggr_jax.data import imagenet_subset
 from ggr_jax.evaluate import THRESHOLD_RULES
-from ggr_jax.models import BACKBONES
+from ggr_jax.models import BACKBONES, VITS, convert_gcd
 from ggr_jax.ssl.interface import PROTOCOLS, SSL_PROTOCOLS
 from ggr_jax.train import eagc, optim, step as step_lib
 
@@ -153,6 +154,32 @@ def _optimizer(cfg: ml_collections.ConfigDict) -> None:
     _number(cfg, "optim.decay_factor", 0.0, float("inf"), high_open=True)
 
 
+def _model(cfg: ml_collections.ConfigDict) -> None:
+  _choice(cfg, "model.backbone", BACKBONES)
+  _number(cfg, "model.bn_momentum", 0.0, 1.0, low_open=True)
+  model = cfg.model
+  pretrained = model.get("pretrained", "")
+  if model.backbone not in VITS:
+    if pretrained:
+      _fail("model.pretrained", pretrained, f"loads DINO ViT weights, which backbone "
+            f"{model.backbone!r} cannot take; choose one of {tuple(VITS)} or set it to ''")
+    return
+  vit = model.get("vit", None) or {}
+  depth = vit.get("depth", 0) or 12
+  for field in ("patch_size", "grad_from_block", "depth"):
+    value = vit.get(field, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < (field == "patch_size"):
+      _fail(f"model.vit.{field}", value, "must be an integer >= "
+            f"{int(field == 'patch_size')}")
+  if vit.get("grad_from_block", 0) > depth:
+    _fail("model.vit.grad_from_block", vit.grad_from_block,
+          f"must be at most the depth {depth} (the first trained block; {depth}: none)")
+  if pretrained and not pathlib.Path(pretrained).is_file():
+    _fail("model.pretrained", pretrained, "must be a DINO checkpoint file that exists (.pth "
+          f"or .npz); download {convert_gcd.DINO_DOWNLOAD} (or another DINO ViT's file from "
+          "github.com/facebookresearch/dino)")
+
+
 def _eagc(cfg: ml_collections.ConfigDict) -> None:
   _choice(cfg, "eagc.terms", eagc.TERMS)
   if cfg.eagc.terms == "off":
@@ -179,7 +206,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   _choice(cfg, "algorithm", ssl.names())
   _algorithm(cfg)
   _choice(cfg, "dataset.name", DATASETS)
-  _choice(cfg, "model.backbone", BACKBONES)
+  _model(cfg)
   _choice(cfg, "ggr.mode", MODES)
   _choice(cfg, "ggr.scope", SCOPES)
   _choice(cfg, "ggr.basis_signs", BASIS_SIGNS)
@@ -210,7 +237,6 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _fail("ggr.start_step", start, "must be an integer >= 0 (the first rectified step)")
   _number(cfg, "ggr.alpha", 0.0, float("inf"), high_open=True)
   _number(cfg, "ggr.aux_weight", 0.0, float("inf"), high_open=True)
-  _number(cfg, "model.bn_momentum", 0.0, 1.0, low_open=True)
   _optimizer(cfg)
   _number(cfg, "optim.lr", 0.0, float("inf"), low_open=True, high_open=True)
   _number(cfg, "optim.momentum", 0.0, 1.0, high_open=True)

@@ -18,8 +18,9 @@ rows (``common.forward_concat(..., labeled=...)``) is trained in EAGC's two stag
    carried in ``TrainState.coordinator``.
 
 ``eagc.terms``: ``"both"`` (EEP and AGA), ``"eep"``, ``"aga"``, ``"off"``. The reference
-forward here is a full second forward (the official cost); sharing a frozen ViT trunk with
-the training model is the ViT's optimisation, not done yet.
+forward is a full second forward (the official cost) on backbones trained whole; a ViT
+trained from block ``k >= 1`` shares its frozen trunk with the reference, which then
+runs only the trained blocks (:func:`coordinated_apply`).
 """
 
 from __future__ import annotations
@@ -91,21 +92,44 @@ class Record(NamedTuple):
 
 
 def coordinated_apply(apply_fn: Callable, eagc: ml_collections.ConfigDict, state: Any,
-                      records: list) -> Callable:
+                      records: list, model: nn.Module | None = None) -> Callable:
   """``apply_fn`` whose train-mode forwards with ``labeled`` rows are coordinated; each
-  appends its :class:`Record` to ``records``."""
+  appends its :class:`Record` to ``records``.
+
+  The reference features ``zhat`` come from a full forward of the reference model, or,
+  when ``model``'s backbone has a frozen trunk (``shares_trunk``: a ViT trained from
+  block ``k >= 1``), from the reference's :meth:`tail` on the training forward's own
+  trunk output: the two models hold the same frozen trunk (the training model starts
+  from the reference and never updates it), so only the trained blocks run twice.
+  """
+  share = model is not None and getattr(model.backbone, "shares_trunk", False)
+
+  def reference_tail(ref: Any, tokens: jax.Array) -> jax.Array:
+    variables = {"params": ref["params"], "batch_stats": ref["batch_stats"]}
+    return model.apply(variables, tokens, method=lambda m, h: m.backbone.tail(h))["feat"]
 
   def apply(params, batch_stats, x, train, rng=None, labeled=None, known=None):
     if not train or labeled is None:
       return apply_fn(params, batch_stats, x, train, rng)
     ref = state["reference"]
-    zhat = jax.lax.stop_gradient(
-        apply_fn(ref["params"], ref["batch_stats"], x, True, rng)[0]["feat"])
+    cell: dict[str, Any] = {"inner": False}
+    if not share:
+      cell["zhat"] = jax.lax.stop_gradient(
+          apply_fn(ref["params"], ref["batch_stats"], x, True, rng)[0]["feat"])
 
     def interceptor(next_fun, args, kwargs, context):
+      if cell["inner"]:  # the reference's own tail
+        return next_fun(*args, **kwargs)
+      if share and context.method_name == "trunk" and context.module is not None and \
+          type(context.module) is type(model.backbone):
+        tokens = next_fun(*args, **kwargs)
+        cell["inner"] = True
+        cell["zhat"] = jax.lax.stop_gradient(reference_tail(ref, tokens))
+        cell["inner"] = False
+        return tokens
       if not isinstance(context.module, FeatureTap) or context.method_name != "__call__":
         return next_fun(*args, **kwargs)
-      z = next_fun(*args, **kwargs)
+      z, zhat = next_fun(*args, **kwargs), cell["zhat"]
       step = coordinator.coordinator_step(
           z, zhat, labeled, state["c"], state["mu"], beta=eagc.beta, aga_weight=0.0,
           momentum=eagc.momentum, eep=eagc.terms in ("eep", "both"), aga=False)
@@ -149,4 +173,33 @@ def metrics(record: Record) -> dict[str, jax.Array]:
     old = record.known.astype(unl.dtype)
     out["eagc/tau_unlabeled_known"] = mean(step.tau, unl * old)
     out["eagc/tau_unlabeled_novel"] = mean(step.tau, unl * (1.0 - old))
+  return out
+
+
+TAU_QUANTILES = (10, 25, 50, 75, 90)
+
+
+def feature_diagnostics(features: np.ndarray, is_old: np.ndarray, coordinator_state: Any,
+                        cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Evaluation-time diagnostics of the unlabeled training images' features (analysis
+  labels ``is_old``: an Old / ID class): ``soc``, EAGC's subspace overlap of New with Old
+  (:func:`ggr_jax.coordinator.subspace_overlap`); with the coordinator on, the
+  distribution of ``tau`` every image would get now (its energy under ``C``, the running
+  ``mu``): ``tau_old`` / ``tau_new`` means and their percentiles ``tau_old_q10``, ...
+  (:data:`TAU_QUANTILES`)."""
+  features, is_old = np.asarray(features, np.float64), np.asarray(is_old, bool)
+  out: dict[str, Any] = {"soc": coordinator.subspace_overlap(features[is_old],
+                                                             features[~is_old])}
+  if coordinator_state is None or not enabled(cfg):
+    return out
+  z = jnp.asarray(features, jnp.float32)
+  energy = coordinator.known_energy(z, coordinator_state["c"])
+  _, tau = coordinator.elastic_coefficient(energy, coordinator_state["mu"],
+                                           jnp.zeros(z.shape[:1], bool), cfg.eagc.beta)
+  tau = np.asarray(jax.device_get(tau), np.float64)
+  for name, rows in (("old", is_old), ("new", ~is_old)):
+    if rows.any():
+      out[f"tau_{name}"] = float(tau[rows].mean())
+      for q, value in zip(TAU_QUANTILES, np.percentile(tau[rows], TAU_QUANTILES)):
+        out[f"tau_{name}_q{q}"] = float(value)
   return out

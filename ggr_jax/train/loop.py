@@ -262,9 +262,10 @@ class Trainer:
     out_id = step_lib.predict(forward, params, state.batch_stats, s.x_test_id, bs)
     if s.num_old_classes is not None:  # category discovery: transductive and test
       out_ulb = step_lib.predict(forward, params, state.batch_stats, s.x_unlabeled, bs)
-      return evaluate.category_discovery_metrics(out_ulb["logits"], s.y_unlabeled,
-                                                 out_id["logits"], s.y_test_id,
-                                                 s.num_old_classes)
+      return {**evaluate.category_discovery_metrics(out_ulb["logits"], s.y_unlabeled,
+                                                    out_id["logits"], s.y_test_id,
+                                                    s.num_old_classes),
+              **self._feature_diagnostics(state, out_ulb["feat"])}
     if s.is_closed_set:  # labels read after the images: on-demand tables cached them
       return {"protocol": "closed",
               **evaluate.closed_set_metrics(out_id["logits"], s.y_test_id[:], s.num_classes)}
@@ -273,7 +274,16 @@ class Trainer:
                                        s.y_test_full, s.num_classes, self.cfg.eval.threshold)
     result["closed_per_class_acc"] = evaluate.per_class_accuracy(
         out_id["logits"].argmax(-1), s.y_test_id, s.num_classes).tolist()
+    if eagc.enabled(self.cfg):  # where the coordinator puts ID and OOD unlabeled images
+      feats = step_lib.predict(forward, params, state.batch_stats, s.x_unlabeled, bs)["feat"]
+      result.update(self._feature_diagnostics(state, feats))
     return result
+
+  def _feature_diagnostics(self, state: TrainState, features: np.ndarray) -> dict[str, Any]:
+    """``eagc_*``: :func:`eagc.feature_diagnostics` of the unlabeled images' features."""
+    found = eagc.feature_diagnostics(features, self.split.unlabeled_is_id, state.coordinator,
+                                     self.cfg)
+    return {f"eagc_{k}": v for k, v in found.items()}
 
   # -- the loop ----------------------------------------------------------------------
   def run(self) -> dict[str, Any] | None:

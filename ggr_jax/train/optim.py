@@ -97,9 +97,22 @@ def scope_fn(ggr: ml_collections.ConfigDict) -> Callable[[Any], Any]:
   return ggr_jax.scope_from_prefix(ggr.scope)
 
 
-def make_rectifier(ggr: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
-  """``ggr_jax.rectify`` from the config's ``ggr`` block."""
+def trained_scope_fn(ggr: ml_collections.ConfigDict,
+                     trainable: Callable[[Any], Any] | None = None) -> Callable[[Any], Any]:
+  """``params -> bools``: the leaves in ``ggr.scope`` that train (``trainable``, if given,
+  marks frozen ones False): the rectifier's geometry and the GDC diagnostic."""
   scope = scope_fn(ggr)
+  if trainable is None:
+    return scope
+  return lambda tree: jax.tree.map(lambda a, b: a and b, scope(tree), trainable(tree))
+
+
+def make_rectifier(ggr: ml_collections.ConfigDict,
+                   trainable: Callable[[Any], Any] | None = None
+                   ) -> optax.GradientTransformationExtraArgs:
+  """``ggr_jax.rectify`` from the config's ``ggr`` block; leaves ``trainable`` marks
+  False (frozen) stay out of its geometry."""
+  scope = trained_scope_fn(ggr, trainable)
   return ggr_jax.rectify(
       ggr.mode, alpha=ggr.alpha, aux_weight=ggr.aux_weight, scope=scope,
       subspace_dim=ggr.subspace_dim if ggr.mode in ("osr", "csr") else 0,
@@ -176,7 +189,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict,
                    ) -> optax.GradientTransformationExtraArgs:
   """rectify -> the configured optimizer (with its weight decay), on the schedule;
   ``trainable`` as in :func:`make_base_optimizer`."""
-  return optax.chain(make_rectifier(cfg.ggr), make_base_optimizer(cfg, trainable))
+  return optax.chain(make_rectifier(cfg.ggr, trainable), make_base_optimizer(cfg, trainable))
 
 
 def _is_trace(node: Any) -> bool:

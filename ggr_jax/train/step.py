@@ -17,7 +17,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ggr_jax import per_sample, ssl
+from ggr_jax.coordinator import gradient_deviation
 from ggr_jax.data import augment, crops, sampling
+from ggr_jax.models import trainable_leaves
 from ggr_jax.ssl.interface import Algorithm, LossContext, Losses
 from ggr_jax.train import eagc, optim
 from ggr_jax.train.state import TrainState, make_apply_fn
@@ -132,6 +134,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
 
   labeled_anchor = ggr.anchor == "labeled"
   eagc_on = eagc.enabled(cfg)
+  trained_scope = optim.trained_scope_fn(ggr, trainable_leaves(model))
 
   streamed = cfg.train.input == "stream"
 
@@ -152,8 +155,9 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
 
     def loss_fn(params):
       records: list = []
-      apply = (eagc.coordinated_apply(step_apply, cfg.eagc, state.coordinator, records)
-               if eagc_on else step_apply)
+      apply = step_apply
+      if eagc_on:
+        apply = eagc.coordinated_apply(step_apply, cfg.eagc, state.coordinator, records, model)
       out = algo.losses(LossContext(apply, params, state.batch_stats, batch, rng,
                                     state.step, algo_cfg, state.algo_state,
                                     learning_rate=schedule(state.step),
@@ -213,6 +217,10 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
         **metrics,
         "losses/sup": sup, "losses/aux": aux, "losses/total": sup + aux,
         **({f"ggr/{name}": optax.tree.get(opt_state, name) for name in DIAGNOSTICS}
+           if ggr.split_gradients else {}),
+        # EAGC's GDC: 1 - cos(g_sup, g_sup + g_aux) over the trained leaves in scope
+        **({"diagnostics/gdc": gradient_deviation(
+            g_sup, g_aux, trained_scope(g_sup))}
            if ggr.split_gradients else {}),
         "monitors/lr": schedule(state.step),
         # 1 when the loss and both gradients are finite (the loop's divergence guard)
