@@ -63,10 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
   # projection of the feature cotangent), "aga" (anchoring to the reference), "both";
   # aperture of the conceptor, beta (EEP strength), aga_weight (lambda), momentum of the
   # labeled energy's EMA, reference_steps of supervised-only training for the reference
-  # model (0: the initial model). Official SimGCD scripts: 2.0, 0.5, 0.7, 0.95.
+  # model (0: the initial model) at reference_lr (0: the run's own rates). Official SimGCD
+  # scripts: 2.0, 0.5, 0.7, 0.95; the reference at lr 0.02.
   cfg.eagc = ml_collections.ConfigDict(dict(
       terms="off", aperture=2.0, beta=0.5, aga_weight=0.7, momentum=0.95,
-      reference_steps=200))
+      reference_steps=200, reference_lr=0.0))
   # name: sgd (official: coupled L2 then Nesterov SGD), adamw, lion, muon, or any optax
   # optimizer name with kwargs passed on (set them in a config file); momentum and
   # nesterov are SGD's. Weight decay is decoupled where the optimizer takes it

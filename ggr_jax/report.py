@@ -144,10 +144,13 @@ def distinguishing_fields(runs: list[Run]) -> list[str]:
 
 
 def _label_variants(runs: list[Run]) -> None:
-  """Names each run's distinguishing fields where they differ from the most common value."""
+  """Names each run's distinguishing fields where they differ from the most common value
+  (every value, that one included, when two values are equally common: no row of a
+  field goes unnamed by a tie's accident)."""
   for field in distinguishing_fields(runs):
     values = [json.dumps(r.config.get(field), sort_keys=True) for r in runs]
-    usual = collections.Counter(values).most_common(1)[0][0]
+    counts = collections.Counter(values).most_common(2)
+    usual = counts[0][0] if len(counts) == 1 or counts[0][1] > counts[1][1] else None
     for run, value in zip(runs, values):
       if value == usual:
         continue

@@ -52,6 +52,18 @@ REFERENCE = "reference"
 RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every",
                      "train.input", "train.prefetch", "train.eval_batch_size",
                      "dataset.data_dir", "eval.threshold", "train.nonfinite_patience")
+# Fields added to the config after runs existed, with the value that keeps the behaviour
+# those runs had: a stored config without the field resumes under that value (any other
+# value is a change of run).
+ADDED_FIELDS = {
+    "dataset.prop_labeled": 0.5, "dataset.unlabeled_excludes_labeled": False,
+    "optim.schedule": "usb_cosine", "optim.warmup_steps": 0, "optim.milestones": [],
+    "optim.decay_factor": 0.1, "optim.decay": "kernels",
+    "eagc.terms": "off", "eagc.aperture": 2.0, "eagc.beta": 0.5, "eagc.aga_weight": 0.7,
+    "eagc.momentum": 0.95, "eagc.reference_steps": 200, "eagc.reference_lr": 0.0,
+    "model.pretrained": "", "model.vit.patch_size": 16, "model.vit.grad_from_block": 11,
+    "model.vit.depth": 0,
+}
 
 
 def path(workdir: str | os.PathLike, name: str) -> pathlib.Path:
@@ -77,14 +89,18 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_diff(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
   """Flat fields that differ between two configs (nested or flat dicts), ignoring
-  :data:`RESUMABLE_CHANGES`.
+  :data:`RESUMABLE_CHANGES` and the :data:`ADDED_FIELDS` ``before`` predates (absent
+  there, at their old-behaviour value now).
 
   >>> config_diff({"train": {"steps": 5, "log_every": 1}}, {"train": {"steps": 6}})
   ['train.steps']
+  >>> config_diff({}, {"eagc": {"terms": "off"}}), config_diff({}, {"eagc": {"terms": "eep"}})
+  ([], ['eagc.terms'])
   """
   before, now = flatten(before), flatten(now)
-  return sorted(k for k in set(before) | set(now)
-                if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
+  predates = {k for k, old in ADDED_FIELDS.items() if k not in before and now.get(k) == old}
+  return sorted(k for k in set(before) | set(now) if k not in RESUMABLE_CHANGES
+                and k not in predates and before.get(k) != now.get(k))
 
 
 class WorkdirError(ValueError):

@@ -238,6 +238,16 @@ def test_report_separates_runs_that_differ_in_a_config_field(tmp_path):
   assert all(g["n"] == 2 for g in groups)
 
 
+def test_a_field_whose_values_tie_is_named_on_every_row(tmp_path):
+  for seed in (0, 1):
+    for name, terms in (("base", "off"), ("eagc", "both")):
+      _fake_run(tmp_path, f"{name}-s{seed}", "fixmatch", "sum", seed, (0.5,) * 3,
+                **{"eagc.terms": terms})
+  labels = {(r.setting, r.cell) for r in report.collect(tmp_path)}
+  assert {setting for setting, _ in labels} == {"eagc.terms=off", "eagc.terms=both"}
+  assert ("eagc.terms=off", "base-s0") in labels
+
+
 def test_a_closed_set_report_shows_top5_and_no_open_set_columns(tmp_path):
   for seed in (0, 1):
     for mode, acc in (("sum", 0.80), ("vlr", 0.84)):
@@ -310,6 +320,23 @@ def test_the_closed_set_experiment_specs_are_valid_configs(spec):
     cfg = spec_lib.resolve_config(cell)
     config_lib.validate(cfg, num_devices=1)
     assert cfg.dataset.protocol == "closed"
+
+
+@pytest.mark.parametrize("spec", ["digits_gcd_eagc.py", "digits_openset_eagc.py",
+                                  "gcd_paper.py:pretrained={tmp}/dino.npz,herbarium19={tmp}"])
+def test_the_eagc_experiment_specs_are_valid_configs(spec, tmp_path):
+  from ggr_jax.sweep import spec as spec_lib  # pylint: disable=import-outside-toplevel
+  from ggr_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  (tmp_path / "dino.npz").write_bytes(b"")
+  root = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "sweeps"
+  cells = spec_lib.load_spec(str(root / spec.format(tmp=tmp_path)))
+  assert len({c.name for c in cells}) == len(cells) >= 15
+  terms = set()
+  for cell in cells:
+    cfg = spec_lib.resolve_config(cell)
+    config_lib.validate(cfg, num_devices=1)
+    terms.add(cfg.eagc.terms)
+  assert {"off", "both"} <= terms
 
 
 def test_a_gcd_report_shows_all_old_new_and_leaves_out_eagc_reference_stages(tmp_path):

@@ -131,10 +131,13 @@ def _open_source(name: str, split: str, data_dir: str | None) -> Any:
 
 def read_records(source: Any, keys: Sequence[int]) -> list[dict[str, Any]]:
   """The decoded records ``keys`` of a tfds data source, in one bulk read where it can."""
+  getitems = getattr(source, "__getitems__", None)
   try:
-    return list(source.__getitems__(list(keys)))
+    if getitems is not None:
+      return list(getitems(list(keys)))
   except TypeError:  # tfds.testing.mock_data's stand-in reader has no usable __getitems__
-    return [source[k] for k in keys]
+    pass
+  return [source[k] for k in keys]
 
 
 def _read_all(source: Any, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -75,13 +75,19 @@ class Program:
     return step_lib.algorithm_config(self.cfg)
 
   @property
+  def input_shape(self) -> tuple[int, ...]:
+    """The shape of one image as the model sees it (after ``augment.crop``)."""
+    crop = self.cfg.augment.get("crop", 0)
+    return (crop, crop, *self.data.image_shape[2:]) if crop else self.data.image_shape
+
+  @property
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())
 
   def init_state(self) -> TrainState:
     """The initial train state, replicated over the mesh."""
     algo, algo_cfg, n = self.algorithm, self.algo_cfg, self.data.num_unlabeled
-    state = create_train_state(self.model, self.tx, self.data.image_shape, self.cfg.train.seed,
+    state = create_train_state(self.model, self.tx, self.input_shape, self.cfg.train.seed,
                                lambda: algo.init_state(n, algo_cfg),
                                eagc.init_state if eagc.enabled(self.cfg) else None)
     if self.cfg.model.get("pretrained", ""):

@@ -10,17 +10,21 @@ import ml_collections
 
 from ggr_jax.rectify import BASIS_SIGNS, GRANULARITIES, MODES, PER_SAMPLE_MODES, SUBSPACE_MODES
 from ggr_jax import ssl
-from ggr_jax.data import imagenet_subset
+from ggr_jax.data import gcd_sources, imagenet_subset
 from ggr_jax.evaluate import THRESHOLD_RULES
 from ggr_jax.models import BACKBONES, VITS, convert_gcd
 from ggr_jax.ssl.interface import PROTOCOLS, SSL_PROTOCOLS
 from ggr_jax.train import eagc, optim, step as step_lib
 
-DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagenet30", "imagenet")
+DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagenet30", "imagenet", "cub", "scars",
+            "imagenet100", "herbarium19")
 # the protocols (ggr_jax.ssl.interface.PROTOCOLS) each data set has (ImageNet-30 is
 # open-set, ImageNet's 1%/10% closed)
-DATASET_PROTOCOLS = {"digits": PROTOCOLS, "cifar10": SSL_PROTOCOLS, "cifar100": SSL_PROTOCOLS,
-                     "svhn": ("closed",), "imagenet30": ("openset",), "imagenet": ("closed",)}
+DATASET_PROTOCOLS = {"digits": PROTOCOLS, "cifar10": SSL_PROTOCOLS,
+                     "cifar100": (*SSL_PROTOCOLS, "gcd"), "svhn": ("closed",),
+                     "imagenet30": ("openset",), "imagenet": ("closed",),
+                     **{name: ("gcd",) for name in ("cub", "scars", "imagenet100",
+                                                    "herbarium19")}}
 ANCHORS = ("joint", "labeled")
 SCOPES = ("backbone", "all")
 
@@ -77,7 +81,7 @@ def _dataset(cfg: ml_collections.ConfigDict) -> None:
   if cfg.dataset.protocol not in algorithm.protocols:
     _fail("dataset.protocol", cfg.dataset.protocol,
           f"algorithm {algorithm.name!r} trains on {', '.join(algorithm.protocols)}")
-  if name not in ("imagenet30", "imagenet"):  # their labeled sets come from fixed lists
+  if name not in ("imagenet30", "imagenet") and cfg.dataset.protocol != "gcd":
     _positive_int(cfg, "dataset.labels_per_class")
   if name == "cifar100" and cfg.dataset.num_id_classes not in range(5, 100, 5):
     _fail("dataset.num_id_classes", cfg.dataset.num_id_classes,
@@ -90,8 +94,14 @@ def _dataset(cfg: ml_collections.ConfigDict) -> None:
     if cfg.train.input != "stream":
       _fail("train.input", cfg.train.input, "ImageNet is read on demand and never held whole: "
             "use 'stream'")
-  if name in ("imagenet30", "imagenet"):
+  gcd = cfg.dataset.protocol == "gcd"
+  if name in ("imagenet30", "imagenet") or (gcd and name != "digits"):
     _positive_int(cfg, "dataset.image_size")
+  if gcd:
+    _number(cfg, "dataset.prop_labeled", 0.0, 1.0, low_open=True, high_open=True)
+  if gcd and name in gcd_sources.FOLDER_SOURCES and not cfg.dataset.data_dir:
+    _fail("dataset.data_dir", "", f"{name} is read from a local folder; set it to the root "
+          "(layout: ggr_jax.data.gcd_sources)")
   max_test = cfg.dataset.max_test_images
   if not isinstance(max_test, int) or isinstance(max_test, bool) or max_test < 0:
     _fail("dataset.max_test_images", max_test, "must be an integer >= 0 (0: every test image)")
@@ -192,6 +202,7 @@ def _eagc(cfg: ml_collections.ConfigDict) -> None:
   if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
     _fail("eagc.reference_steps", steps, "must be an integer >= 0 (0: the initial model is "
           "the reference)")
+  _number(cfg, "eagc.reference_lr", 0.0, float("inf"), high_open=True)
   if cfg.ggr.granularity == "per_sample" or cfg.ggr.sample_diagnostics:
     _fail("eagc.terms", cfg.eagc.terms, "EAGC's feature-cotangent edit has no forward-mode "
           "derivative, which per-sample geometry needs; set --config.ggr.granularity=global "

@@ -6,7 +6,9 @@ rows (``common.forward_concat(..., labeled=...)``) is trained in EAGC's two stag
 1. **Reference.** The same model and algorithm, trained on the supervised loss alone
    (``ggr.mode = "sum"``, ``ggr.aux_weight = 0``) for ``eagc.reference_steps`` steps, in
    ``<workdir>/reference`` (a run of its own: checkpointed, resumable). ``0`` takes the
-   initial model as the reference (a pretrained backbone).
+   initial model as the reference (a pretrained backbone). ``eagc.reference_lr`` (> 0)
+   trains it at that rate for every parameter (the official stage: 0.02), else at the
+   run's own rates.
 2. **Coordinated training.** The training model's backbone starts from the reference's
    (the heads start fresh, as officially); the conceptor ``C`` of the reference features
    of every labeled image (eval mode, no augmentation; computed in float64) and their mean
@@ -52,6 +54,9 @@ def reference_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   ref.ggr.update(mode="sum", aux_weight=0.0, granularity="global", sample_diagnostics=False)
   ref.train.update(steps=steps, eval_every=steps, log_every=min(cfg.train.log_every, steps),
                    checkpoint_every=min(cfg.train.checkpoint_every, steps))
+  if cfg.eagc.get("reference_lr", 0.0):  # its own rate, one group (the official stage 0)
+    ref.optim.lr = cfg.eagc.reference_lr
+    ref.optim.group_lr = ml_collections.ConfigDict()
   return ref
 
 

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from ggr_jax import evaluate, rundir
-from ggr_jax.data import imagenet30, imagenet_subset, openset, tfds_sources
+from ggr_jax.data import gcd_sources, imagenet30, imagenet_subset, openset, tfds_sources
 from ggr_jax.data.digits import digits_closed_split, digits_gcd_split, digits_split
 from ggr_jax.data.openset import OpenSetSplit
 from ggr_jax.train import build as build_lib
@@ -100,7 +100,10 @@ def _load_split(cfg: ml_collections.ConfigDict) -> OpenSetSplit:
   ds, seed = cfg.dataset, cfg.train.seed
   data_dir = ds.data_dir or None
   closed = ds.get("protocol", "openset") == "closed"
-  if ds.name == "digits" and ds.get("protocol") == "gcd":
+  if ds.get("protocol") == "gcd" and ds.name in gcd_sources.GCD_SOURCES:
+    split = gcd_sources.gcd_split(ds.name, prop_labeled=ds.prop_labeled, seed=seed,
+                                  image_size=ds.image_size, data_dir=data_dir)
+  elif ds.name == "digits" and ds.get("protocol") == "gcd":
     split = digits_gcd_split(old_classes=tuple(ds.id_classes), prop_labeled=ds.prop_labeled,
                              seed=seed, test_fraction=ds.test_fraction)
   elif ds.name == "digits" and closed:
@@ -392,19 +395,20 @@ class Trainer:
     records = _read_log(self.workdir) if distributed.is_primary() else []
     history = [r for r in records if r["split"] == "train"]
     diag = {}
-    for k in ("ggr/cos_before", "ggr/conflict", "ggr/aux_norm_kept"):
+    for k in ("ggr/cos_before", "ggr/conflict", "ggr/aux_norm_kept", "diagnostics/gdc"):
       values = [r[k] for r in history if isinstance(r.get(k), float)]
       if values:
         diag[f"mean_{k}"] = float(np.mean(values))
     nan = float("nan")
     if ev.get("protocol") == "gcd":
-      protocol = {k: v for k, v in ev.items() if k.startswith(("gcd_", "protocol"))}
+      protocol = {k: v for k, v in ev.items() if k.startswith(("gcd_", "protocol", "eagc_"))}
     elif self.split.is_closed_set:
       protocol = {"protocol": "closed", "top5_acc": ev.get("top5_acc", nan),
                   "mean_class_acc": ev["mean_class_acc"]}
     else:
       protocol = {"protocol": "openset", "open_per_class_acc": list(ev["per_class_acc"]),
-                  "threshold": ev["threshold"]}
+                  "threshold": ev["threshold"],
+                  **{k: v for k, v in ev.items() if k.startswith("eagc_")}}
     return {
         "closed_acc": ev["closed_acc"], "open_bacc": ev.get("open_bacc", nan),
         "auroc": ev.get("auroc", nan),
