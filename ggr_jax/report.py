@@ -47,7 +47,9 @@ METRICS = {"closed_acc": "closed acc", "open_bacc": "open bal. acc", "auroc": "A
            "gcd_new": "New (GCD)"}
 GCD_METRICS = ("gcd_all", "gcd_old", "gcd_new")
 OFFICIAL = {"official_closed_acc": "closed acc (official)",
-            "official_open_bacc": "open bal. acc (official)", "official_auroc": "AUROC (official)"}
+            "official_open_bacc": "open bal. acc (official)", "official_auroc": "AUROC (official)",
+            "official_gcd_all": "All (GCD, official)", "official_gcd_old": "Old (GCD, official)",
+            "official_gcd_new": "New (GCD, official)"}
 BASELINE = "sum"
 KEY_FIELDS = ("algorithm", "dataset.name", "dataset.labels_per_class", "ggr.mode", "train.seed")
 # Fields that never tell two runs apart: those a resume may change.
@@ -78,6 +80,9 @@ class Run:
   gcd_new: float = float("nan")
   official_closed_acc: float = float("nan")
   official_open_bacc: float = float("nan")
+  official_gcd_all: float = float("nan")
+  official_gcd_old: float = float("nan")
+  official_gcd_new: float = float("nan")
   official_auroc: float = float("nan")
   setting: str = ""  # unusual non-ggr fields, e.g. "train.steps=500"
   variant: str = ""  # unusual ggr.* fields, e.g. "ggr.alpha=0.5"
@@ -242,7 +247,9 @@ def write_markdown(groups: list[dict[str, Any]], path: pathlib.Path, root: pathl
            "setting, in points, ± the std of the per-seed paired differences."
            + (" The first metrics are the final EMA weights'; the (official) ones are the "
               "official code's selection: the best EMA closed accuracy over the evaluations, "
-              "chosen on the test split, and the open-set metrics of that step's raw weights."
+              "chosen on the test split, and the open-set metrics of that step's raw weights; "
+              "for category discovery the best transductive All over the evaluations, "
+              "chosen on that split, with its Old and New."
               if official else ""), "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for g in groups:

@@ -442,6 +442,9 @@ def official_figures(evals: list[dict[str, Any]]) -> dict[str, Any]:
   the official open-set numbers are ``eval.py``'s on that step's ``model_best.pth``,
   whose raw (non-EMA) weights it loads. Returns ``official_closed_acc``,
   ``official_open_bacc``, ``official_auroc`` and ``official_step`` (empty without evals).
+  Category discovery (SimGCD's and EAGC's code) logs the evaluation with the best
+  transductive All accuracy, selected on that same split: ``official_gcd_all``,
+  ``official_gcd_old``, ``official_gcd_new`` and ``official_gcd_step``.
   """
   scored = [r for r in evals if isinstance(r.get("eval/closed_acc"), float)]
   if not scored:
@@ -450,6 +453,11 @@ def official_figures(evals: list[dict[str, Any]]) -> dict[str, Any]:
   figures = {"official_closed_acc": best["eval/closed_acc"], "official_step": best["step"]}
   for name in OFFICIAL_METRICS[1:]:
     figures[f"official_{name}"] = best.get(f"{RAW_PREFIX}/{name}", float("nan"))
+  gcd = [r for r in scored if isinstance(r.get("eval/gcd_all"), float)]
+  if gcd:
+    best = max(gcd, key=lambda r: (r["eval/gcd_all"], -r["step"]))
+    figures.update({f"official_gcd_{k}": best[f"eval/gcd_{k}"] for k in ("all", "old", "new")},
+                   official_gcd_step=best["step"])
   return figures
 
 
