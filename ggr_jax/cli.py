@@ -18,6 +18,9 @@ import pathlib
 import sys
 from typing import Any, Sequence
 
+from ggr_jax import allocator
+
+
 def _positive_int(text: str) -> int:
   value = int(text)
   if value < 1:
@@ -236,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
     print(__doc__.strip() + f"\n\ncommands: {', '.join(COMMANDS)}", file=sys.stderr)
     return 0 if argv and argv[0] in ("-h", "--help") else 2
+  allocator.retain_freed_memory()  # before the first step's buffers (see the module)
   try:
     return COMMANDS[argv[0]](argv[1:])
   except KeyboardInterrupt:  # before a trainer installs its handlers (imports, set-up)

@@ -27,6 +27,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+# As ggr-jax does at start-up: freed XLA buffers stay in the process (ggr_jax.allocator).
+from ggr_jax.allocator import retain_freed_memory  # pylint: disable=wrong-import-position
+
+retain_freed_memory()
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -94,3 +94,16 @@ def test_only_the_top_layers_import_the_configs():
                [f"{node.module}.{a.name}" for a in node.names]
                if isinstance(node, ast.ImportFrom) and node.module else [])
       assert not any(n.startswith("ggr_jax.configs") for n in names), (path, names)
+
+
+def test_the_allocator_setting_takes_on_glibc_and_can_be_declined(monkeypatch):
+  import ctypes  # pylint: disable=import-outside-toplevel
+  from ggr_jax import allocator  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv(allocator.OPT_OUT, "system")
+  assert allocator.retain_freed_memory() is False
+  monkeypatch.delenv(allocator.OPT_OUT)
+  try:
+    ctypes.CDLL("libc.so.6").mallopt
+  except (OSError, AttributeError):
+    pytest.skip("not glibc")
+  assert allocator.retain_freed_memory() is True

@@ -290,3 +290,22 @@ def test_iomatch_gradients_skip_detached_heads_and_run_in_float64():
     assert np.abs(g_aux["open"]).max() > 0 and np.abs(g_sup["mb"]).max() > 0
     want = _np_losses(params, batch, cfg, 2000)
     np.testing.assert_allclose([sup, aux], want[:2], rtol=1e-12)
+
+
+@pytest.mark.parametrize("window,stride,padding,size", [(2, 2, 0, 8), (2, 2, 0, 7), (3, 2, 1, 9),
+                                                        (3, 2, 1, 8)])
+@pytest.mark.parametrize("tied", [False, True])
+def test_max_pool_gives_flax_values_and_gradients_ties_included(window, stride, padding, size,
+                                                                tied):
+  from flax import linen as nn  # pylint: disable=import-outside-toplevel
+  from ggr_jax.models.layers import max_pool  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.key(size), (3, size, size, 4))
+  if tied:  # few distinct values: most windows hold their maximum more than once
+    x = jnp.round(x)
+  ours = lambda h: max_pool(h, window, stride, padding)
+  theirs = lambda h: nn.max_pool(h, (window, window), strides=(stride, stride),
+                                 padding=((padding, padding),) * 2)
+  np.testing.assert_array_equal(ours(x), theirs(x))
+  loss = lambda f: jax.grad(lambda h: jnp.sum(jnp.sin(f(h)) * jnp.arange(f(h).size).reshape(
+      f(h).shape)))(x)
+  np.testing.assert_allclose(loss(ours), loss(theirs), rtol=1e-6, atol=1e-6)

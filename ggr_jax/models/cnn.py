@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ggr_jax.models import inits
-from ggr_jax.models.layers import BatchNorm, FeatureTap
+from ggr_jax.models.layers import BatchNorm, FeatureTap, max_pool
 
 
 class SmallCNN(nn.Module):
@@ -32,7 +32,7 @@ class SmallCNN(nn.Module):
 
     h = conv_bn(x, self.width, "block1a")
     h = conv_bn(h, self.width, "block1b")
-    h = nn.max_pool(h, (2, 2), strides=(2, 2))
+    h = max_pool(h, 2, 2)
     h = conv_bn(h, 2 * self.width, "block2a")
     h = conv_bn(h, 2 * self.width, "block2b")
     feat = jnp.mean(h, axis=(1, 2))

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ggr_jax.models import inits
-from ggr_jax.models.layers import BatchNorm, FeatureTap
+from ggr_jax.models.layers import BatchNorm, FeatureTap, max_pool
 
 # (output channels, kernel, padding) of block1..block9; None marks pool + dropout
 _LAYOUT = ((128, 3, "SAME"), (128, 3, "SAME"), (128, 3, "SAME"), None,
@@ -69,7 +69,7 @@ class ConvLarge(nn.Module):
     h, block = x, 0
     for layer in _LAYOUT:
       if layer is None:
-        h = nn.max_pool(h, (2, 2), strides=(2, 2), padding="VALID")
+        h = max_pool(h, 2, 2)
         h = ChannelDropout(self.dropout)(h, deterministic=not train)
         continue
       block += 1

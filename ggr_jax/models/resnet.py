@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ggr_jax.models import inits
-from ggr_jax.models.layers import BatchNorm, FeatureTap
+from ggr_jax.models.layers import BatchNorm, FeatureTap, max_pool
 
 BlockKind = Literal["basic", "bottleneck"]
 _EXPANSION = {"basic": 1, "bottleneck": 4}
@@ -103,7 +103,7 @@ class ResNet(nn.Module):
     h = _conv(64, 7, 2, "conv1")(x)
     h = BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                   epsilon=self.bn_eps, name="bn1")(h)
-    h = nn.max_pool(nn.relu(h), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    h = max_pool(nn.relu(h), 3, 2, padding=1)
     for stage, (planes, count) in enumerate(zip(_STAGE_WIDTHS, self.layers)):
       for i in range(count):
         stride = 2 if stage > 0 and i == 0 else 1
