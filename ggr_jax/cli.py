@@ -85,6 +85,12 @@ def _print_results(title: str, result: dict[str, Any]) -> None:
   for key in ("steps", "wall_s"):
     if key in result:
       print(f"  {key:<26}{result[key]:.1f}" if key == "wall_s" else f"  {key:<26}{result[key]}")
+  took = result.get("startup", {})
+  if "to_first_step_s" in took:
+    parts = ", ".join(f"{name[:-2].replace('_', ' ')} {took[name]:.1f}" for name in (
+        "before_trainer_s", "data_s", "build_s", "state_s", "first_step_s")
+                      if isinstance(took.get(name), float))
+    print(f"  {'to the first step (s)':<26}{took['to_first_step_s']:.1f} ({parts})")
 
 
 def _split_distributed_flags(argv: list[str]) -> tuple[list[str], dict[str, Any]]:

@@ -225,3 +225,15 @@ def test_plain_sum_step_with_one_backward_equals_the_split_sum_step(split):
   cfg.ggr.mode = "vlr"
   with pytest.raises(config_lib.ConfigError, match="config.ggr.split_gradients = False"):
     config_lib.validate(cfg, num_devices=8)
+
+
+def test_a_run_reports_where_the_time_to_its_first_step_went(tmp_path, capsys):
+  cfg = tiny_config("fixmatch", "vlr", 2)
+  summary = loop.train(cfg, tmp_path, progress=False)
+  took = summary["startup"]
+  parts = [took[k] for k in ("data_s", "build_s", "state_s", "first_step_s")]
+  assert all(p >= 0 for p in parts) and took["first_step_s"] > 0
+  assert took["to_first_step_s"] == pytest.approx((took["before_trainer_s"] or 0) + sum(parts))
+  from ggr_jax import cli  # pylint: disable=import-outside-toplevel
+  cli._print_results("run", summary)  # pylint: disable=protected-access
+  assert "to the first step (s)" in capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import pathlib
 import signal
 import time
@@ -222,9 +223,15 @@ class Trainer:
     config_lib.validate(cfg, num_devices=len(devices))
     self.cfg, self.progress, self.on_step = cfg, progress, on_step
     self.workdir = pathlib.Path(workdir)
+    began, age = time.perf_counter(), _process_age()
     self.split = load_split(cfg)
+    loaded = time.perf_counter()
     self.program = build_lib.build(cfg, build_lib.DataSpec.of_split(self.split),
                                    build_lib.make_mesh(devices))
+    # where the time to the first step goes (reported in the summary's "startup")
+    self.startup = {"before_trainer_s": age, "data_s": loaded - began,
+                    "build_s": time.perf_counter() - loaded}
+    self._created = time.perf_counter()
     self.algorithm = self.program.algorithm
     self.mesh = self.program.mesh
 
@@ -309,6 +316,7 @@ class Trainer:
       ckpt.close()
       return None
     start = int(state.step)
+    self.startup["state_s"] = time.perf_counter() - self._created
     primary = distributed.is_primary()  # the one process that logs, prints and summarizes
     log = MetricsLog(workdir, resume_step=start) if primary else NullLog()
     feed = self.program.feed(split_arrays(self.split), state, start)
@@ -330,6 +338,9 @@ class Trainer:
           pending.append(metrics)
           guard.add(step, metrics["monitors/finite"])
           step += 1
+          if step == start + 1:  # one host sync, to time the compile and the first step
+            jax.block_until_ready(metrics["monitors/finite"])
+            self._first_step_done()
           at_log = step % cfg.train.log_every == 0 or step == total
           if at_log:
             means = _mean_metrics(pending)
@@ -391,6 +402,16 @@ class Trainer:
       rundir.write_json(rundir.path(workdir, rundir.SUMMARY), summary)
     return summary
 
+  def _first_step_done(self) -> None:
+    """``startup``: seconds before the trainer (the process's imports, from ``/proc``;
+    None off Linux), loading the data, building the program, the initial or restored
+    state (EAGC's reference stage included), the first step (its compile) and in all."""
+    now = time.perf_counter()
+    took = self.startup
+    took["first_step_s"] = now - self._created - took["state_s"]  # the compile, mostly
+    took["to_first_step_s"] = (took["before_trainer_s"] or 0.0) + took["data_s"] + \
+        took["build_s"] + now - self._created
+
   def _summary(self, ev: dict[str, Any], step: int, wall: float, start: int) -> dict[str, Any]:
     records = _read_log(self.workdir) if distributed.is_primary() else []
     history = [r for r in records if r["split"] == "train"]
@@ -415,7 +436,8 @@ class Trainer:
         **official_figures([r for r in records if r["split"] == "eval"]),
         "closed_per_class_acc": ev["closed_per_class_acc"], **protocol,
         "steps": step, "resumed_from": start,
-        "wall_s": wall, "algorithm": self.algorithm.name, "ggr_mode": self.cfg.ggr.mode,
+        "wall_s": wall, "startup": dict(self.startup),
+        "algorithm": self.algorithm.name, "ggr_mode": self.cfg.ggr.mode,
         "unlabeled_ood_fraction": float(1.0 - np.mean(self.split.unlabeled_is_id)),
         "seed": self.cfg.train.seed, "device": self.mesh.devices.flat[0].device_kind,
         "num_devices": self.mesh.devices.size, "num_processes": jax.process_count(), **diag,
@@ -459,6 +481,17 @@ def official_figures(evals: list[dict[str, Any]]) -> dict[str, Any]:
     figures.update({f"official_gcd_{k}": best[f"eval/gcd_{k}"] for k in ("all", "old", "new")},
                    official_gcd_step=best["step"])
   return figures
+
+
+def _process_age() -> float | None:
+  """Seconds since this process started (imports included), from ``/proc`` (Linux);
+  None elsewhere."""
+  try:
+    fields = pathlib.Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    uptime = float(pathlib.Path("/proc/uptime").read_text().split()[0])
+    return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+  except (OSError, ValueError, IndexError):
+    return None
 
 
 def _read_log(workdir: pathlib.Path) -> list[dict[str, Any]]:
