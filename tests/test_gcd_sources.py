@@ -124,7 +124,7 @@ def test_the_released_recipe_runs_end_to_end_on_mock_cub_with_a_small_vit(tmp_pa
   cfg.simgcd.update(hidden_dim=32, bottleneck_dim=16)
   cfg.train.update(steps=2, batch_size=8, steps_per_epoch=1, eval_every=2,
                    checkpoint_every=2, log_every=1, eval_batch_size=64)
-  cfg.eagc.update(terms="both", reference_steps=1)
+  cfg.eagc.update(terms="both", reference_steps=0)  # the initial model as the reference
   with _mock(CLASSES["cub"]):
     summary = loop.train(cfg, tmp_path / "run", progress=False)
   assert summary["steps"] == 2 and 0 <= summary["gcd_all"] <= 1
