@@ -27,40 +27,47 @@ def vit_config(steps=2, terms="off"):
   return cfg
 
 
-def _flat(tree):
-  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(tree)).items()}
-
-
-def test_a_vit_run_updates_only_the_blocks_it_trains_and_the_heads():
-  cfg = vit_config()
-  split = loop.load_split(cfg)
-  program = build(cfg, DataSpec.of_split(split))
-  state = program.init_state()
-  before = _flat(state.params)
-  feed = program.feed(split_arrays(split), state, 0)
-  for step in range(2):
-    state, _ = program.train_step(state, feed.next(step))
-  after = _flat(state.params)
-  for path, value in before.items():
-    trained = path[0] != "backbone" or path[1] == "blocks_1"
-    assert (not np.array_equal(value, after[path])) == trained, path
-
-
-def test_pretrained_weights_replace_the_backbone_and_a_wrong_file_is_named(tmp_path):
-  cfg = vit_config()
-  split = loop.load_split(cfg)
+def _dino_file(tmp_path):
+  """Another initialisation of the backbone, written as a DINO ``.npz``."""
   other = build_model("vit_tiny", 10, "gcd", vit={**VIT, "image_size": 8})
   weights = other.init(jax.random.key(7), jnp.zeros((1, 8, 8, 1)))["params"]["backbone"]
   path = tmp_path / "dino.npz"
   np.savez(path, **convert_gcd.flax_to_dino_vit(weights))
+  return weights, path
+
+
+def _flat(tree):
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(tree)).items()}
+
+
+def test_pretrained_weights_load_and_training_moves_only_the_trained_blocks_and_heads(tmp_path):
+  cfg = vit_config()
+  split = loop.load_split(cfg)
+  weights, path = _dino_file(tmp_path)
   cfg.model.pretrained = str(path)
   config_lib.validate(cfg)
-  state = build(cfg, DataSpec.of_split(split)).init_state()
+  program = build(cfg, DataSpec.of_split(split))
+  state = program.init_state()
   loaded = _flat(state.params["backbone"])
   for key, value in _flat(weights).items():
     np.testing.assert_array_equal(loaded[key], value)
   np.testing.assert_array_equal(_flat(state.ema_params["backbone"])[("pos_embed",)],
                                 np.asarray(weights["pos_embed"]))
+  before = _flat(state.params)
+  feed = program.feed(split_arrays(split), state, 0)
+  for step in range(2):
+    state, _ = program.train_step(state, feed.next(step))
+  after = _flat(state.params)
+  for path_, value in before.items():
+    trained = path_[0] != "backbone" or path_[1] == "blocks_1"
+    assert (not np.array_equal(value, after[path_])) == trained, path_
+
+
+def test_a_pretrained_file_that_does_not_fit_or_is_missing_is_named(tmp_path):
+  cfg = vit_config()
+  split = loop.load_split(cfg)
+  _, path = _dino_file(tmp_path)
+  cfg.model.pretrained = str(path)
   cfg.model.vit.depth = 3
   with pytest.raises(ValueError, match="missing .*blocks_2.*choose the backbone"):
     build(cfg, DataSpec.of_split(split)).init_state()
