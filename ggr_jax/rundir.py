@@ -45,6 +45,8 @@ PENDING = "pending_metrics"
 STEP_CONFIG = "run_config.json"
 # EAGC's reference stage: a run of its own inside the run's workdir
 REFERENCE = "reference"
+# the output of a sweep cell's trainer (``ggr-jax sweep`` appends each attempt)
+SWEEP_LOG = "log.txt"
 
 # Fields that may differ when a run resumes: none changes the trajectory (cadence of
 # logging, evaluation and checkpoints; how the same batches reach the device; where the

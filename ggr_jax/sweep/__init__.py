@@ -18,15 +18,22 @@ share of the cores (XLA sizes its thread pool from the affinity mask). Ctrl-C (o
 SIGTERM) sends SIGTERM to the running cells, which save a checkpoint and exit 130; the
 next ``ggr-jax sweep`` resumes them. At the end the report of :mod:`ggr_jax.report` is
 written into ``ROOT``.
+
+``--launcher slurm`` submits the cells instead, as one SLURM job array through submitit
+(:mod:`ggr_jax.sweep.submitit_launcher`); ``--status`` reads each cell's state from its
+workdir and the scheduler (:mod:`ggr_jax.sweep.status`).
 """
 
 from ggr_jax.sweep.placement import Slot, detect_accelerators, make_slots
 from ggr_jax.sweep.runner import Outcome, build_parser, main, plan, run_sweep, status_table
+from ggr_jax.sweep.status import CellStatus, format_status, status_rows
+from ggr_jax.sweep.submitit_launcher import LAUNCHERS, CellJob, LauncherOptions, submit
 from ggr_jax.sweep.spec import (CELL_KEYS, Cell, SweepError, cell_state, checkpoint_step,
                                 config_diff, default_name, load_spec, parse_cells, product,
                                 resolve_config)
 
-__all__ = ["CELL_KEYS", "Cell", "Outcome", "Slot", "SweepError", "build_parser", "cell_state",
+__all__ = ["CELL_KEYS", "Cell", "CellJob", "CellStatus", "LAUNCHERS", "LauncherOptions",
+           "Outcome", "Slot", "SweepError", "build_parser", "cell_state",
            "checkpoint_step", "config_diff", "default_name", "detect_accelerators", "load_spec",
            "main", "make_slots", "parse_cells", "plan", "product", "resolve_config",
-           "run_sweep", "status_table"]
+           "run_sweep", "status_rows", "format_status", "status_table", "submit"]

@@ -15,8 +15,11 @@ from typing import Any, Callable
 
 from ggr_jax import rundir
 from ggr_jax.sweep.placement import Slot, make_slots
+from ggr_jax.sweep import status as status_lib
 from ggr_jax.sweep.spec import (Cell, SweepError, cell_state, checkpoint_step, load_spec,
                                 resolve_config)
+from ggr_jax.sweep.submitit_launcher import (LAUNCHERS, CellInterrupted, LauncherOptions,
+                                             read_jobs, submit)
 
 
 @dataclasses.dataclass
@@ -37,7 +40,7 @@ class Outcome:
 
   @property
   def log(self) -> pathlib.Path:
-    return self.workdir / "log.txt"
+    return rundir.path(self.workdir, rundir.SWEEP_LOG)
 
   def summary(self) -> dict[str, Any]:
     path = rundir.path(self.workdir, rundir.SUMMARY)
@@ -203,6 +206,29 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--report-only", action="store_true",
                       help="only (re)write the report from the summaries under --root")
   parser.add_argument("--no-report", action="store_true", help="do not write the report")
+  parser.add_argument("--status", action="store_true",
+                      help="show each cell's state (done, running, queued, failed, interrupted, "
+                      "new) from the workdirs and the scheduler, and start nothing")
+  slurm = parser.add_argument_group(
+      "scheduler launch (submitit)", "--launcher slurm submits the cells not done as one SLURM "
+      "job array and returns (--wait: and waits); submitit-local runs the jobs here")
+  slurm.add_argument("--launcher", default="local", choices=LAUNCHERS,
+                     help="local (default): start the cells on this machine's slots")
+  slurm.add_argument("--partition", help="SLURM partition")
+  slurm.add_argument("--gpus-per-run", type=int, default=0, help="GPUs of one cell")
+  slurm.add_argument("--gpus-per-node", type=int, default=None,
+                     help="GPUs a node has (default: from sinfo), checked before submitting")
+  slurm.add_argument("--nodes", type=int, default=1, help="nodes of one (multi-host) cell")
+  slurm.add_argument("--tasks-per-node", type=int, default=1,
+                     help="trainer processes per node (one per GPU for multi-process runs)")
+  slurm.add_argument("--cpus-per-task", type=int, default=None)
+  slurm.add_argument("--time", default="60", help="wall time of one job: MINUTES or HH:MM:SS")
+  slurm.add_argument("--array-parallelism", type=int, default=256,
+                     help="at most N cells of the array at a time")
+  slurm.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                     help="any further submitit SLURM parameter (qos=high, mem_gb=64, ...)")
+  slurm.add_argument("--wait", action="store_true",
+                     help="wait for the submitted jobs, then print the table and the report")
   return parser
 
 
@@ -218,38 +244,97 @@ def _write_report(root: pathlib.Path) -> int:
 
 
 def main(argv: list[str]) -> int:
-  """``ggr-jax sweep``: exit 0 if every cell is done, 1 if one failed, 2 on a bad spec or
-  placement, 130 if stopped by a signal."""
+  """``ggr-jax sweep``: exit 0 if every cell is done (or submitted), 1 if one failed, 2 on a
+  bad spec, placement or launcher option, 130 if stopped by a signal."""
   parser = build_parser()
   args = parser.parse_args(argv)
   root = pathlib.Path(args.root)
   if args.report_only:
     return _write_report(root)
+  if args.status:
+    names = None
+    if args.spec:
+      try:
+        names = [c.name for c in load_spec(args.spec)]
+      except SweepError as err:
+        print(f"ggr-jax sweep: {err}", file=sys.stderr)
+        return 2
+    print(status_lib.format_status(status_lib.status_rows(root, names)))
+    return 0
   if not args.spec:
-    parser.error("SPEC is required (or give --report-only)")
+    parser.error("SPEC is required (or give --report-only or --status)")
   try:
     cells = load_spec(args.spec)
     if args.only:
       cells = [c for c in cells if any(s in c.name for s in args.only)]
       if not cells:
         raise SweepError(f"--only {' '.join(args.only)} matches no cell of {args.spec}.")
-    slots = make_slots(args.devices, args.parallel)
+    slots = make_slots(args.devices, args.parallel) if args.launcher == "local" else []
     outcomes = plan(cells, root)
   except SweepError as err:
     print(f"ggr-jax sweep: {err}", file=sys.stderr)
     return 2
   counts = collections.Counter(o.before for o in outcomes)
+  where = (f"{len(slots)} at a time ({', '.join(s.label for s in slots)})" if slots
+           else f"through {args.launcher}")
   print(f"{len(outcomes)} cells in {root}: {counts['done']} done, {counts['resume']} to resume, "
-        f"{counts['new']} to train; {len(slots)} at a time ({', '.join(s.label for s in slots)})")
+        f"{counts['new']} to train; {where}")
   if args.dry_run:
     for o in outcomes:
       if o.before != "done":
         print(f"  {o.before:<6} {o.cell.name}: {' '.join(o.cell.command(o.workdir))}")
     return 0
+  if args.launcher != "local":
+    return _submit_main(args, outcomes, root)
   interrupted = run_sweep(outcomes, slots)
+  return _finish(args, outcomes, root, interrupted)
+
+
+def _finish(args, outcomes: list[Outcome], root: pathlib.Path, interrupted: bool) -> int:
   print("\n" + status_table(outcomes))
   if not args.no_report and any(o.status in ("done", "trained", "resumed") for o in outcomes):
     _write_report(root)
   if interrupted:
     return 130
   return 1 if any(o.status not in ("done", "trained", "resumed") for o in outcomes) else 0
+
+
+def _submit_main(args, outcomes: list[Outcome], root: pathlib.Path) -> int:
+  """Submits the cells not done and not already live in the scheduler; ``--wait``s for them."""
+  options = LauncherOptions(
+      partition=args.partition, gpus_per_run=args.gpus_per_run, time=args.time,
+      array_parallelism=args.array_parallelism, nodes=args.nodes,
+      tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
+      gpus_per_node=args.gpus_per_node, slurm=tuple(args.slurm))
+  jobs_before = read_jobs(root)
+  todo = []
+  for o in outcomes:
+    if o.status == "done":
+      continue
+    live = status_lib.cell_status(root, o.cell.name, jobs_before)
+    if live.state in ("queued", "running"):
+      print(f"  {o.cell.name}: already {live.state} as job {live.job}; not submitted again")
+      o.status = live.state
+      continue
+    todo.append(o)
+  try:
+    jobs = submit([(o.cell, o.workdir) for o in todo], args.launcher, root, options) if todo else []
+  except SweepError as err:
+    print(f"ggr-jax sweep: {err}", file=sys.stderr)
+    return 2
+  for o, job in zip(todo, jobs):
+    o.status, o.slot = "submitted", f"job {job.job_id}"
+    what = f"resume from step {o.from_step}" if o.before == "resume" else "train"
+    print(f"  {o.cell.name}: {what} as job {job.job_id}")
+  if not args.wait:
+    print(f"{len(jobs)} submitted; follow them with: ggr-jax sweep --status --root {root}")
+    return 0
+  for o, job in zip(todo, jobs):
+    t0 = time.perf_counter()
+    try:
+      job.result()
+      o.status = "resumed" if o.before == "resume" else "trained"
+    except Exception as err:  # pylint: disable=broad-except  # submitit re-raises the task's
+      o.status = "interrupted" if CellInterrupted.__name__ in str(err) else "failed"
+    o.wall_s = time.perf_counter() - t0
+  return _finish(args, outcomes, root, False)
