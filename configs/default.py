@@ -23,11 +23,14 @@ def get_config() -> ml_collections.ConfigDict:
   # unlabeled_excludes_labeled: leave the labeled images out of the unlabeled set
   # (SemiMeta's protocol; FixMatch and GGR keep them). protocol "gcd" (category
   # discovery, digits): id_classes are the Old classes, prop_labeled of their training
-  # images labeled, the other classes New (ggr_jax.data.gcd).
+  # images labeled, the other classes New (ggr_jax.data.gcd). on_bad_image: an ImageNet-30
+  # image that fails to decode mid-run stops the run naming it ("stop") or is reported and
+  # replaced by the next one ("skip").
   cfg.dataset = ml_collections.ConfigDict(dict(
       name="digits", protocol="openset", id_classes=(0, 1, 2, 3, 4, 5), labels_per_class=5,
       test_fraction=0.3, num_id_classes=50, in30_labels="p1", imagenet_subset="1pct",
       image_size=256, data_dir="", max_test_images=0, unlabeled_excludes_labeled=False,
+      on_bad_image="stop",
       prop_labeled=0.5))
   # BatchNorm momentum (PyTorch convention): the official 0.001 averages over ~1000
   # steps, too slow for a 2000-step run; 0.01 keeps eval-mode statistics current.
@@ -84,14 +87,15 @@ def get_config() -> ml_collections.ConfigDict:
       group_lr=ml_collections.ConfigDict(), kwargs=ml_collections.ConfigDict()))
 
   # input: "device" puts the whole split on device and samples each batch inside the
-  # step; "stream" keeps it in host memory and streams each step's uint8 batch (every
-  # process gathers its own shards), prefetch batches ahead (ggr_jax.data.stream). Both
-  # feed the same batches. nonfinite_patience: consecutive steps with a non-finite loss
+  # step; "stream" keeps it on the host and streams each step's uint8 batch through a
+  # Grain pipeline (every process gathers its own shards; input_workers Grain processes
+  # read and decode, 0: a reader thread), prefetch batches ahead (ggr_jax.data.stream).
+  # Both feed the same batches. nonfinite_patience: consecutive steps with a non-finite loss
   # or gradient after which the run stops, before evaluating or checkpointing that state.
   cfg.train = ml_collections.ConfigDict(dict(
       seed=0, steps=2000, steps_per_epoch=100, batch_size=32, uratio=7,
       log_every=50, eval_every=500, checkpoint_every=500, eval_batch_size=256,
-      input="device", prefetch=2, nonfinite_patience=1))
+      input="device", prefetch=2, input_workers=0, nonfinite_patience=1))
 
   # threshold: the open-set decision rule. "official": the official eval.py's, a fixed
   # 0.95 on the maximum softmax probability (FixMatch, supervised) and Otsu on the test

@@ -47,13 +47,15 @@ STEP_CONFIG = "run_config.json"
 REFERENCE = "reference"
 # the output of a sweep cell's trainer (``ggr-jax sweep`` appends each attempt)
 SWEEP_LOG = "log.txt"
+# the input pipeline's state inside each checkpoint step folder (``train.input=stream``)
+INPUT_STATE = "input_state.json"
 
 # Fields that may differ when a run resumes: none changes the trajectory (cadence of
 # logging, evaluation and checkpoints; how the same batches reach the device; where the
 # data set is read from). The same fields never tell two runs apart in a report.
 RESUMABLE_CHANGES = ("train.log_every", "train.eval_every", "train.checkpoint_every",
-                     "train.input", "train.prefetch", "train.eval_batch_size",
-                     "dataset.data_dir", "eval.threshold", "train.nonfinite_patience")
+                     "train.input", "train.prefetch", "train.input_workers", "train.eval_batch_size",
+                     "dataset.data_dir", "dataset.on_bad_image", "eval.threshold", "train.nonfinite_patience")
 # Fields added to the config after runs existed, with the value that keeps the behaviour
 # those runs had: a stored config without the field resumes under that value (any other
 # value is a change of run).
@@ -64,7 +66,8 @@ ADDED_FIELDS = {
     "eagc.terms": "off", "eagc.aperture": 2.0, "eagc.beta": 0.5, "eagc.aga_weight": 0.7,
     "eagc.momentum": 0.95, "eagc.reference_steps": 200, "eagc.reference_lr": 0.0,
     "model.pretrained": "", "model.vit.patch_size": 16, "model.vit.grad_from_block": 11,
-    "model.vit.depth": 0,
+    "model.vit.depth": 0, "train.input_workers": 0,
+    "dataset.on_bad_image": "stop",
 }
 
 

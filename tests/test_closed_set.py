@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import jax
 import numpy as np
 import pytest
@@ -96,6 +98,9 @@ def test_imagenet_subset_tables_read_rows_on_demand_and_cache_their_labels():
   with pytest.raises(IndexError, match="out of range"):
     split.x_labeled[np.array([24])]
   assert split.summary()["labeled"] == 24
+  with _mock(24):  # a Grain worker receives the table pickled and opens its own source
+    copy = pickle.loads(pickle.dumps(split.x_test_id))
+    np.testing.assert_array_equal(copy[rows], images)
 
 
 def _closed_config(**dataset):

@@ -285,7 +285,7 @@ def test_imagenet30_split_follows_the_official_protocol(tmp_path):
   # The labeled list as written: duplicates kept, rows of the unlabeled set.
   assert split.y_labeled.size == len(lists["labeled"])
   assert split.labeled_index[-1] == split.labeled_index[0]
-  np.testing.assert_array_equal(split.x_labeled, split.x_unlabeled[split.labeled_index])
+  np.testing.assert_array_equal(split.x_labeled[:], split.x_unlabeled[split.labeled_index])
   np.testing.assert_array_equal(split.y_labeled, y_train[split.labeled_index])
   # Test labels >= K collapse to K; test_id keeps only ID images.
   y_test = np.array([int(line.split()[1]) for line in lists["test"]])
@@ -350,3 +350,43 @@ def test_imagenet30_malformed_list_line_is_reported(tmp_path, line):
 def test_imagenet30_rejects_an_unknown_labeled_list(tmp_path):
   with pytest.raises(ValueError, match="p1"):
     imagenet30.imagenet30_split(tmp_path, labels="p2")
+
+
+def test_imagenet30_streams_from_disk_through_grain_workers(tmp_path):
+  """The tables decode in Grain's worker processes the rows the device path would gather."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.sharding import Mesh  # pylint: disable=import-outside-toplevel
+  from ggr_jax.data import sampling, stream  # pylint: disable=import-outside-toplevel
+  _fake_in30(tmp_path)
+  split = imagenet30.imagenet30_split(tmp_path, labels="p1", image_size=SIZE, num_classes=K,
+                                      num_workers=2)
+  assert isinstance(split.x_unlabeled, imagenet30.ImageFileTable)
+  tables = {"x_labeled": split.x_labeled, "y_labeled": split.y_labeled,
+            "x_unlabeled": split.x_unlabeled, "unlabeled_is_id": split.unlabeled_is_id}
+  decoded = {**tables, "x_labeled": split.x_labeled[:], "x_unlabeled": split.x_unlabeled[:]}
+  key, sizes = jax.random.PRNGKey(2), {"labeled": 4, "unlabeled": 6}
+  counts = {"x_labeled": len(split.x_labeled), "x_unlabeled": len(split.x_unlabeled)}
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  with stream.HostStream(tables, key, sizes, mesh, 0, workers=2) as feed:
+    for step in range(3):
+      expected = sampling.gather_rows(decoded, sampling.batch_indices(key, step, sizes, counts,
+                                                                      None))
+      got = feed.next(step)
+      for name, value in expected.items():
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(value), err_msg=name)
+
+
+def test_an_image_that_fails_to_decode_stops_or_is_skipped_by_the_option(tmp_path, capsys):
+  lists = _fake_in30(tmp_path)
+  broken = tmp_path / lists["train"][1].split()[0].split("imagenet30/")[1]
+  broken.write_bytes(b"not an image")
+  strict = imagenet30.imagenet30_split(tmp_path, image_size=SIZE, num_classes=K)
+  with pytest.raises(imagenet30.UnreadableImage, match=re.escape(str(broken)) + ".*on_bad_image"):
+    strict.x_unlabeled[np.array([0, 1])]
+  lenient = imagenet30.imagenet30_split(tmp_path, image_size=SIZE, num_classes=K,
+                                        on_bad_image="skip")
+  images = lenient.x_unlabeled[np.array([0, 1])]
+  np.testing.assert_array_equal(images[1], lenient.x_unlabeled[2])  # the next one instead
+  assert f"skipped image {broken}" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="on_bad_image"):
+    imagenet30.imagenet30_split(tmp_path, image_size=SIZE, num_classes=K, on_bad_image="drop")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import jax
@@ -99,6 +100,8 @@ def test_out_of_order_steps_and_bad_arguments_are_refused():
       feed.restart(0, np.ones(7, bool))
   with pytest.raises(ValueError, match="prefetch"):
     HostStream(split, key, {"labeled": 4}, mesh, 0, prefetch=0)
+  with pytest.raises(ValueError, match="workers"):
+    HostStream(split, key, {"labeled": 4}, mesh, 0, workers=-1)
   with pytest.raises(ValueError, match="inlier mask"):
     HostStream(split, key, {"labeled": 4, "selected": 4}, mesh, 0)
   if jax.device_count() >= 8:
@@ -115,11 +118,52 @@ def test_a_failing_gather_surfaces_in_the_training_thread():
       feed.next(0)
 
 
-def test_close_stops_the_producer_thread():
+def test_close_stops_the_pipeline_threads():
   mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  before = {t.ident for t in threading.enumerate()}
   feed = HostStream(_split(), jax.random.PRNGKey(0), {"labeled": 4}, mesh, 0, prefetch=2)
+  feed.next(0)
   feed.close()
-  assert not any(t.name == "ggr_jax-host-stream" and t.is_alive() for t in threading.enumerate())
+  for _ in range(50):
+    if not {t.ident for t in threading.enumerate() if t.is_alive()} - before:
+      break
+    threading.Event().wait(0.05)
+  assert not {t.ident for t in threading.enumerate() if t.is_alive()} - before
+
+
+def test_a_saved_pipeline_state_resumes_at_the_same_batch():
+  split, key = _split(), jax.random.PRNGKey(4)
+  sizes = {"labeled": 4, "unlabeled": 4, "selected": 4}
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  mask = np.arange(40) % 4 == 1
+  with HostStream(split, key, sizes, mesh, 2, selected=mask, prefetch=3) as feed:
+    for step in range(2, 6):
+      feed.next(step)
+    saved = json.loads(json.dumps(feed.state()))  # as the checkpoint stores it
+    expected = [feed.next(6), feed.next(7)]
+  assert saved["origin"] == 2 and saved["next_step"] == 6
+  with HostStream(split, key, sizes, mesh, 6, selected=mask, state=saved) as resumed:
+    for step, batch in zip((6, 7), expected):
+      got = resumed.next(step)
+      for name in batch:
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(batch[name]))
+  with HostStream(split, key, sizes, mesh, 9, selected=mask, state=saved) as wrong:
+    with pytest.raises(RuntimeError, match="delivered step 6 for step 9"):
+      wrong.next(9)
+
+
+def test_grain_worker_processes_feed_the_device_batches():
+  split, key = _split(), jax.random.PRNGKey(5)
+  sizes = {"labeled": 4, "unlabeled": 8}
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  counts = {"x_labeled": 12, "x_unlabeled": 40}
+  on_device = jax.jit(lambda data, step: sampling.gather_rows(
+      data, sampling.batch_indices(key, step, sizes, counts, None)))
+  with HostStream(split, key, sizes, mesh, 3, workers=2) as feed:
+    for step in range(3, 8):
+      streamed, expected = feed.next(step), on_device(split, step)
+      for name in expected:
+        np.testing.assert_array_equal(np.asarray(streamed[name]), np.asarray(expected[name]))
 
 
 def test_input_mode_is_validated():

@@ -107,6 +107,8 @@ def test_interrupted_run_resumes_exactly(tmp_path, algorithm, data_input):
 
   stopped = loop.Trainer(cfg, tmp_path / "resumed", progress=False, on_step=interrupt).run()
   assert stopped is None and (tmp_path / "resumed" / "checkpoints").exists()
+  feed_state = tmp_path / "resumed" / "checkpoints" / "3" / "input_state.json"
+  assert feed_state.exists() == (data_input == "stream")  # the Grain pipeline's state
   resumed = loop.train(cfg, tmp_path / "resumed", progress=False)
   assert resumed["resumed_from"] == 3
   for key in ("closed_acc", "open_bacc", "auroc", "closed_per_class_acc"):

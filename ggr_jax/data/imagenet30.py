@@ -32,24 +32,28 @@ training images are resized to ``(image_size, image_size)`` (official weak/stron
 ``Resize((256, 256))``), test images have their shorter side resized to
 ``image_size`` and are centre-cropped to a square, so a later 224 centre crop equals
 the official ``Resize(256), CenterCrop(224)``. Both use bilinear resampling. At 256
-the 39 000 training images take 7.7 GB and the test set 0.6 GB.
+the 39 000 training images would take 7.7 GB and the test set 0.6 GB: they stay on disk
+and are decoded per batch (:class:`ImageFileTable`, in Grain's worker processes).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import os
 import pathlib
+import sys
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 from ggr_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from ggr_jax.data.openset import OpenSetSplit, assemble_split
+from ggr_jax.data.openset import OpenSetSplit
 from ggr_jax.data.resize import square_image
 
 NUM_ID_CLASSES = 20
+BAD_IMAGE_RULES = ("stop", "skip")
 LABELED_LISTS = ("p1", "p5")
 _IMAGE_DIRS = ("one_class_train", "one_class_test")
 _LAYOUT = ("root/filelist/{train_labeled_p1,train_labeled_p5,train_unlabeled_full,test}.txt "
@@ -102,16 +106,89 @@ def load_images(paths: Sequence[pathlib.Path], image_size: int, *, centre_crop: 
   ``centre_crop=False`` resizes to the square; ``True`` resizes the shorter side and
   centre-crops (the test-image rule above).
   """
-  out = np.empty((len(paths), image_size, image_size, 3), np.uint8)
+  return ImageFileTable(paths, image_size, centre_crop=centre_crop,
+                        num_workers=num_workers)[:]
 
-  def fill(i: int) -> None:
-    out[i] = _load_image(paths[i], image_size, centre_crop)
 
-  workers = num_workers or min(32, os.cpu_count() or 1)
-  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-    for _ in pool.map(fill, range(len(paths))):
-      pass
-  return out
+class UnreadableImage(OSError):
+  """An image file that exists but cannot be decoded; names its path and the option."""
+
+
+class ImageFileTable:
+  """Read-only uint8 ``(N, S, S, 3)`` images of a file list, decoded when indexed.
+
+  ``table[rows]`` (an int, a slice or an integer array) decodes those files (in a
+  thread pool) and returns a numpy array; nothing is kept. :meth:`subset` is the table
+  of some rows (no decoding). Picklable, so Grain's worker processes decode their own
+  batches. A file that fails to decode raises :class:`UnreadableImage` naming it
+  (``on_error="stop"``), or is reported on stderr and replaced by the next readable
+  image of the list (``"skip"``).
+  """
+
+  dtype = np.dtype(np.uint8)
+  read_on_demand = True  # the host pipeline indexes it instead of converting it
+
+  def __init__(self, paths: Sequence[str | os.PathLike], image_size: int, *,
+               centre_crop: bool, num_workers: int | None = None, on_error: str = "stop"):
+    if on_error not in BAD_IMAGE_RULES:
+      raise ValueError(f"on_error = {on_error!r}; choose one of {BAD_IMAGE_RULES}.")
+    self._paths = np.asarray([str(p) for p in paths], dtype=object)
+    self.image_size, self.centre_crop, self.on_error = image_size, centre_crop, on_error
+    self.num_workers = num_workers or min(32, os.cpu_count() or 1)
+    self.shape = (len(self._paths), image_size, image_size, 3)
+
+  @property
+  def ndim(self) -> int:
+    return 4
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __array__(self, dtype=None, copy=None):
+    raise TypeError(f"ImageFileTable of {len(self)} images is read on demand and is never "
+                    "loaded whole; index the rows you need (training on it needs "
+                    "--config.train.input=stream).")
+
+  def subset(self, rows: np.ndarray) -> "ImageFileTable":
+    """The table of ``rows`` (integer indices or a boolean mask), decoding nothing."""
+    out = copy.copy(self)
+    out._paths = self._paths[np.asarray(rows)]  # pylint: disable=protected-access
+    out.shape = (len(out._paths), *self.shape[1:])  # pylint: disable=protected-access
+    return out
+
+  def _decode(self, position: int) -> np.ndarray:
+    for offset in range(len(self._paths)):
+      path = pathlib.Path(self._paths[(position + offset) % len(self._paths)])
+      try:
+        return _load_image(path, self.image_size, self.centre_crop)
+      except (OSError, ValueError, SyntaxError) as err:
+        message = (f"image {path} cannot be decoded ({type(err).__name__}: {err}); replace "
+                   "or remove it from the list, or set --config.dataset.on_bad_image=skip")
+        if self.on_error == "stop":
+          raise UnreadableImage(message) from None
+        print(f"ggr_jax: skipped {message.split(';')[0]}; using the next image of the list",
+              file=sys.stderr, flush=True)
+    raise UnreadableImage(f"no image of the list ({len(self._paths)} files) can be decoded.")
+
+  def __getitem__(self, key) -> np.ndarray:
+    if isinstance(key, (int, np.integer)):
+      return self[np.asarray([key])][0]
+    rows = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key)
+    if rows.dtype == bool or not np.issubdtype(rows.dtype, np.integer):
+      raise TypeError(f"index rows with integers or a slice (got {rows.dtype}); use "
+                      "subset() for a mask.")
+    out = np.empty((rows.size, *self.shape[1:]), np.uint8)
+
+    def fill(i: int) -> None:
+      out[i] = self._decode(int(rows[i]))
+
+    if rows.size <= 1:
+      list(map(fill, range(rows.size)))
+    else:
+      with concurrent.futures.ThreadPoolExecutor(
+          max_workers=min(self.num_workers, rows.size)) as pool:
+        list(pool.map(fill, range(rows.size)))
+    return out
 
 
 def _check_files(paths: Sequence[pathlib.Path], list_name: str) -> None:
@@ -123,8 +200,8 @@ def _check_files(paths: Sequence[pathlib.Path], list_name: str) -> None:
 
 
 def imagenet30_split(root: str | os.PathLike, *, labels: str = "p1", image_size: int = 256,
-                     num_classes: int = NUM_ID_CLASSES,
-                     num_workers: int | None = None) -> OpenSetSplit:
+                     num_classes: int = NUM_ID_CLASSES, num_workers: int | None = None,
+                     on_bad_image: str = "stop") -> OpenSetSplit:
   """The ImageNet-30 open-set split (``"imagenet30_p1"`` or ``"imagenet30_p5"``).
 
   Args:
@@ -132,7 +209,12 @@ def imagenet30_split(root: str | os.PathLike, *, labels: str = "p1", image_size:
     labels: which labeled list, ``"p1"`` (13 per class) or ``"p5"`` (65 per class).
     image_size: side of the stored square images (official 256 before the 224 crop).
     num_classes: K; labels below K are ID (official 20).
-    num_workers: decoding threads (default: the CPU count, at most 32).
+    num_workers: decoding threads per read (default: the CPU count, at most 32).
+    on_bad_image: an image that fails to decode during training stops the run naming
+      it (``"stop"``), or is reported and replaced by the next one (``"skip"``).
+
+  The images stay on disk: the split's image arrays are :class:`ImageFileTable` s,
+  decoded when a batch or an evaluation reads them (``train.input=stream``).
 
   Raises:
     FileNotFoundError: a missing root, file list or listed image (checked before any
@@ -143,6 +225,8 @@ def imagenet30_split(root: str | os.PathLike, *, labels: str = "p1", image_size:
   """
   if labels not in LABELED_LISTS:
     raise ValueError(f"labels must be one of {LABELED_LISTS}, got {labels!r}.")
+  if on_bad_image not in BAD_IMAGE_RULES:
+    raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_RULES}, got {on_bad_image!r}.")
   for value, name in ((image_size, "image_size"), (num_classes, "num_classes")):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -177,8 +261,22 @@ def imagenet30_split(root: str | os.PathLike, *, labels: str = "p1", image_size:
   mapping = np.arange(max((k - 1, *ood_classes)) + 1, dtype=np.int32)
   mapping[list(ood_classes)] = np.arange(k, k + len(ood_classes), dtype=np.int32)
 
-  x_train = load_images(train_paths, image_size, centre_crop=False, num_workers=num_workers)
-  x_test = load_images(test_paths, image_size, centre_crop=True, num_workers=num_workers)
-  return assemble_split(x_train, mapping[y_train], x_test, mapping[y_test], labeled_index,
-                        num_classes=k, id_classes=tuple(range(k)), ood_classes=ood_classes,
-                        mean=IMAGENET_MEAN, std=IMAGENET_STD, name=f"imagenet30_{labels}")
+  x_train = ImageFileTable(train_paths, image_size, centre_crop=False, num_workers=num_workers,
+                           on_error=on_bad_image)
+  x_test = ImageFileTable(test_paths, image_size, centre_crop=True, num_workers=num_workers,
+                          on_error=on_bad_image)
+  y_train, y_test = mapping[y_train], mapping[y_test]
+  test_id = y_test < k
+  return OpenSetSplit(
+      x_labeled=x_train.subset(labeled_index), y_labeled=_frozen(y_train[labeled_index]),
+      x_unlabeled=x_train, y_unlabeled=_frozen(y_train), unlabeled_is_id=_frozen(y_train < k),
+      x_test_id=x_test.subset(test_id), y_test_id=_frozen(y_test[test_id]),
+      x_test_full=x_test, y_test_full=_frozen(np.minimum(y_test, k).astype(np.int32)),
+      test_full_is_id=_frozen(test_id), num_classes=k, id_classes=tuple(range(k)),
+      ood_classes=ood_classes, labeled_index=_frozen(labeled_index), mean=IMAGENET_MEAN,
+      std=IMAGENET_STD, name=f"imagenet30_{labels}")
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+  array.flags.writeable = False
+  return array

@@ -30,8 +30,9 @@ Example (needs the prepared data):
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -60,12 +61,27 @@ def _rows(key: Any, n: int) -> np.ndarray:
 
 
 class _Records:
-  """One tfds data source with its label cache (-1: not read yet) and decode pool."""
+  """One tfds data source with its label cache (-1: not read yet) and decode pool.
 
-  def __init__(self, source: Any, image_size: int, centre_crop: bool, num_workers: int):
+  Picklable when ``reopen`` (a picklable function returning the source) is given: a
+  Grain worker process opens its own source and pool."""
+
+  def __init__(self, source: Any, image_size: int, centre_crop: bool, num_workers: int,
+               reopen: Callable[[], Any] | None = None):
     self.source, self.image_size, self.centre_crop = source, image_size, centre_crop
     self.labels = np.full(len(source), -1, np.int64)
+    self._num_workers, self._reopen = num_workers, reopen
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=num_workers)
+
+  def __getstate__(self) -> dict[str, Any]:
+    if self._reopen is None:
+      raise TypeError("this tfds table cannot be sent to another process (no reopen).")
+    return {k: v for k, v in self.__dict__.items() if k not in ("source", "_pool")}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state)
+    self.source = self._reopen()
+    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=self._num_workers)
 
   def read(self, rows: np.ndarray, images: bool = True) -> np.ndarray | None:
     """Decodes ``rows`` (caching their labels); returns their images when asked."""
@@ -161,9 +177,10 @@ class TfdsLabelTable(_Table):
 
 def _tables(name: str, split: str, data_dir: str | None, image_size: int,
             num_workers: int) -> TfdsImageTable:
-  source = tfds_sources.open_source(name, split, data_dir)
+  reopen = functools.partial(tfds_sources.open_source, name, split, data_dir)
+  source = reopen()
   tfds_sources.check_features(source.dataset_info.features, name)
-  return TfdsImageTable(_Records(source, image_size, True, num_workers))
+  return TfdsImageTable(_Records(source, image_size, True, num_workers, reopen))
 
 
 def imagenet_subset_split(subset: str = "1pct", *, image_size: int = 256,

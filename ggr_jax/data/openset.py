@@ -341,7 +341,10 @@ def exclude_labeled(split: OpenSetSplit) -> OpenSetSplit:
                      "set dataset.unlabeled_excludes_labeled=False.")
   keep = np.ones(len(split.x_unlabeled), bool)
   keep[index] = False
+  images = split.x_unlabeled
+  images = images.subset(keep) if hasattr(images, "subset") else _readonly(
+      np.asarray(images)[keep])  # a table read on demand stays one
   return dataclasses.replace(
-      split, x_unlabeled=_readonly(np.asarray(split.x_unlabeled)[keep]),
+      split, x_unlabeled=images,
       y_unlabeled=_readonly(np.asarray(split.y_unlabeled)[keep]),
       unlabeled_is_id=_readonly(np.asarray(split.unlabeled_is_id)[keep]))

@@ -1,19 +1,28 @@
-"""The host input pipeline: uint8 batches gathered on the host and streamed to device.
+"""The host input pipeline on Grain: uint8 batches gathered on the host, streamed to device.
 
-With ``train.input="stream"`` the split stays in host memory and a background thread
-prepares the raw batch of each step ahead of the step that consumes it:
+With ``train.input="stream"`` the split stays on the host (in memory, or as tables that
+read and decode rows on demand: ImageNet from tfds ``array_record`` files, image
+folders) and a `Grain <https://github.com/google/grain>`_ pipeline prepares each step's
+raw batch ahead of the step that consumes it:
 
-1. the batch's row indices, by :func:`ggr_jax.data.sampling.batch_indices` with the
-   per-epoch permutations computed once per epoch on the host CPU (the same JAX
-   functions the device path runs, so both paths feed bit-identical batches);
-2. every process gathers only the rows of its own devices' shards (numpy fancy
-   indexing of the uint8 images) and puts them on those devices;
-3. the shards are assembled into one global array sharded over the ``("data",)`` mesh.
+1. a random-access source whose element ``i`` is the raw batch of step ``origin + i``:
+   the batch's row indices by :func:`ggr_jax.data.sampling.batch_indices` (the per-epoch
+   permutations computed once per epoch on the host CPU with the same JAX functions the
+   device path runs, so both paths feed bit-identical batches), of which this process
+   gathers only its own devices' rows (numpy indexing, or the tables' reads and
+   decodes);
+2. Grain runs that source in ``workers`` processes (``mp_prefetch``; each computes its
+   own steps' indices and decodes their images), or in a reader thread when
+   ``workers=0``;
+3. a Grain prefetch thread puts each batch on this process's devices and assembles one
+   global array sharded over the ``("data",)`` mesh, ``prefetch`` batches ahead.
 
-Augmentation stays inside the jitted step. ``prefetch`` batches wait in a queue, so the
-step never waits for the host unless the host is slower than the step
-(``ggr-jax bench --pipeline`` measures both rates). Indices depend only on
-``(key, step, selected)``, so a resumed run streams the same batches it would have seen.
+What Grain does not do is here: the sampling that equals the device path's, the
+per-device gather, and the placement on the mesh. Augmentation stays inside the jitted
+step. Indices depend only on ``(key, step, selected)``; :meth:`HostStream.state` is
+Grain's iterator state (with the step the pipeline started at), which the checkpoint
+stores so that a resumed run continues from the same batch (:meth:`HostStream.restart`
+with ``state=``).
 
 Example:
   >>> import jax, numpy as np
@@ -33,18 +42,22 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
-import queue
 import threading
 from typing import Any
 
+import grain
+from absl import flags
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ggr_jax.data import sampling
 
-_STOP_POLL_S = 0.1
+SPLIT_NAMES = ("x_labeled", "y_labeled", "x_unlabeled", "unlabeled_is_id")
+_STEP = "_step"  # each element carries its step, to check the order it arrives in
+_ENDLESS = 2**40  # steps a pipeline can stream (a run stops long before)
 
 
 class _EpochStreams:
@@ -71,29 +84,77 @@ class _EpochStreams:
     return np.concatenate(perms)[offset:offset + batch]
 
 
-class _Failure:
-  def __init__(self, error: BaseException):
-    self.error = error
+class StepBatches:
+  """Grain's random-access source: element ``i`` is this process's raw batch of step
+  ``origin + i`` (its rows of every source, in device order), with the step under
+  ``"_step"``. Picklable: each Grain worker builds its own JAX functions on first use."""
+
+  def __init__(self, split: dict[str, Any], key: np.ndarray, sizes: dict[str, int],
+               rows: dict[str, np.ndarray], selected: np.ndarray | None, origin: int):
+    self.split, self.key, self.sizes, self.rows = split, np.asarray(key), dict(sizes), rows
+    self.selected, self.origin = selected, int(origin)
+    self.counts = {name: split[name].shape[0] for name in ("x_labeled", "x_unlabeled")}
+    self._lock = threading.Lock()
+    self._functions: tuple | None = None
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_functions")}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state, _lock=threading.Lock(), _functions=None)
+
+  def __len__(self) -> int:
+    return _ENDLESS
+
+  def indices(self, step: int) -> dict[str, np.ndarray]:
+    """The global row indices of batch ``step`` (host numpy), as the device path draws them."""
+    with self._lock:
+      if self._functions is None:
+        self._functions = (_EpochStreams(), jax.jit(sampling.masked_indices, static_argnums=2),
+                           jax.local_devices(backend="cpu")[0])
+      streams, masked, cpu = self._functions
+      with jax.default_device(cpu):
+        out = sampling.batch_indices(jax.device_put(self.key, cpu), step, self.sizes,
+                                     self.counts, self.selected, stream=streams, masked=masked)
+        return {source: np.asarray(idx) for source, idx in out.items()}
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    step = self.origin + int(i)
+    local = {source: idx[self.rows[source]] for source, idx in self.indices(step).items()}
+    batch = sampling.gather_rows(self.split, local)
+    return {**{name: np.asarray(value) for name, value in batch.items()},
+            _STEP: np.int64(step)}
+
+
+def _cpu_only_worker(worker_index: int = 0, worker_count: int = 1) -> None:  # pylint: disable=unused-argument
+  """In a Grain worker, before anything runs: JAX on the CPU only (no accelerator memory)."""
+  jax.config.update("jax_platforms", "cpu")
 
 
 class HostStream:
-  """Prefetched raw batches for consecutive steps, gathered per process on the host.
+  """Prefetched raw batches for consecutive steps through a Grain pipeline.
 
   Args:
-    split: host arrays ``x_labeled``, ``y_labeled``, ``x_unlabeled``, ``unlabeled_is_id``.
+    split: host arrays (or read-on-demand tables) ``x_labeled``, ``y_labeled``,
+      ``x_unlabeled``, ``unlabeled_is_id``.
     key: the run's key as the step sees it (``fold_in(state.key, 0)``).
     sizes: rows per source, in the algorithm's source order (``step.source_sizes``).
     mesh: the ``("data",)`` mesh the step shards its batch over.
     start_step: the first step to stream.
     selected: OpenMatch's inlier mask (host bool array), or None.
-    prefetch: batches prepared ahead (at least 1).
+    prefetch: batches prepared ahead on device (at least 1), and per worker.
+    workers: Grain worker processes that compute indices and gather or decode rows
+      (0: a reader thread of this process).
+    state: a :meth:`state` from a checkpoint of step ``start_step``, to resume from.
   """
 
-  def __init__(self, split: dict[str, np.ndarray], key: jax.Array, sizes: dict[str, int],
+  def __init__(self, split: dict[str, Any], key: jax.Array, sizes: dict[str, int],
                mesh: Mesh, start_step: int, selected: np.ndarray | None = None,
-               prefetch: int = 2):
+               prefetch: int = 2, workers: int = 0, state: dict[str, Any] | None = None):
     if prefetch < 1:
       raise ValueError(f"prefetch = {prefetch}: at least one batch must be prepared ahead.")
+    if workers < 0:
+      raise ValueError(f"workers = {workers}: give 0 (a thread) or a number of processes.")
     for source, size in sizes.items():
       if size % mesh.size:
         raise ValueError(f"{source} batch of {size} rows does not split over the {mesh.size} "
@@ -102,65 +163,52 @@ class HostStream:
       raise ValueError("the 'selected' source needs the inlier mask: pass selected=...")
     # tables read on demand (ImageNet) are indexed as they are, never converted
     self._split = {name: split[name] if getattr(split[name], "read_on_demand", False)
-                   else np.asarray(split[name]) for name in
-                   ("x_labeled", "y_labeled", "x_unlabeled", "unlabeled_is_id")}
+                   else np.asarray(split[name]) for name in SPLIT_NAMES}
     self._counts = {name: self._split[name].shape[0] for name in ("x_labeled", "x_unlabeled")}
-    self._cpu = jax.local_devices(backend="cpu")[0]
-    self._key = jax.device_put(key, self._cpu)
+    self._key = np.asarray(jax.device_get(key))
     self._sizes = dict(sizes)
     self._sharding = NamedSharding(mesh, P("data"))
-    self._streams = _EpochStreams()
-    self._masked = jax.jit(sampling.masked_indices, static_argnums=2)
     self._devices = sorted(self._sharding.addressable_devices, key=lambda d: d.id)
-    self._rows = {source: {device: index[0] for device, index in
-                           self._sharding.addressable_devices_indices_map((size,)).items()}
-                  for source, size in sizes.items()}  # this process's rows of each source
-    self._prefetch = prefetch
-    self._thread: threading.Thread | None = None
+    index_map = {source: self._sharding.addressable_devices_indices_map((size,))
+                 for source, size in sizes.items()}
+    # this process's rows of each source, device after device
+    self._device_rows = {source: [np.arange(size)[index_map[source][d][0]] for d in self._devices]
+                         for source, size in sizes.items()}
+    self._rows = {source: np.concatenate(parts) for source, parts in self._device_rows.items()}
+    # each gathered array (images under the source's name, its label rows) -> its source
+    self._array_sources = {name: source for source in sizes for name in
+                           (source, *sampling.SOURCE_ROWS[source][1])}
+    self._prefetch, self._workers = prefetch, workers
+    self._iterator: Any = None
     self._selected: np.ndarray | None = None
-    self.restart(start_step, selected)
+    self._origin = start_step
+    self.restart(start_step, selected, state=state)
 
-  # -- producer ------------------------------------------------------------------------
+  def _source(self, selected: np.ndarray | None, origin: int) -> StepBatches:
+    return StepBatches(self._split, self._key, self._sizes, self._rows, selected, origin)
+
   def indices(self, step: int, selected: np.ndarray | None) -> dict[str, np.ndarray]:
     """The global row indices of batch ``step`` (host numpy), as the device path draws them."""
-    with jax.default_device(self._cpu):
-      out = sampling.batch_indices(self._key, step, self._sizes, self._counts, selected,
-                                   stream=self._streams, masked=self._masked)
-    return {source: np.asarray(idx) for source, idx in out.items()}
+    return self._source(selected, 0).indices(step)
 
-  def batch(self, step: int, selected: np.ndarray | None) -> dict[str, jax.Array]:
-    """The raw batch of ``step`` as global arrays; this process gathers only its rows."""
-    indices = self.indices(step, selected)
-    shards: dict[str, list[jax.Array]] = {}
-    for device in self._devices:
-      local = {source: idx[self._rows[source][device]] for source, idx in indices.items()}
-      for name, value in sampling.gather_rows(self._split, local).items():
-        shards.setdefault(name, []).append(jax.device_put(value, device))
-    return {name: jax.make_array_from_single_device_arrays(
-        (arrays[0].shape[0] * self._sharding.mesh.size, *arrays[0].shape[1:]),
-        self._sharding, arrays) for name, arrays in shards.items()}
+  def _to_mesh(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """This process's rows on its devices, as global arrays over the mesh."""
+    out: dict[str, Any] = {_STEP: int(batch[_STEP])}
+    for name, source in self._array_sources.items():
+      value, start, shards = batch[name], 0, []
+      for device, rows in zip(self._devices, self._device_rows[source]):
+        shards.append(jax.device_put(value[start:start + len(rows)], device))
+        start += len(rows)
+      out[name] = jax.make_array_from_single_device_arrays(
+          (self._sizes[source], *value.shape[1:]), self._sharding, shards)
+    return out
 
-  def _produce(self, step: int, selected, stop: threading.Event, out: queue.Queue) -> None:
-    while not stop.is_set():
-      try:
-        item: Any = (step, self.batch(step, selected))
-      except BaseException as error:  # pylint: disable=broad-except
-        item = _Failure(error)
-      while not stop.is_set():
-        try:
-          out.put(item, timeout=_STOP_POLL_S)
-          break
-        except queue.Full:
-          continue
-      if isinstance(item, _Failure):
-        return
-      step += 1
-
-  # -- consumer ------------------------------------------------------------------------
-  def restart(self, step: int, selected: np.ndarray | None = None) -> None:
+  # -- the pipeline ------------------------------------------------------------------
+  def restart(self, step: int, selected: np.ndarray | None = None,
+              state: dict[str, Any] | None = None) -> None:
     """Drops prefetched batches and streams again from ``step`` (with a new inlier mask,
-    or the previous one when ``selected`` is None)."""
-    self._stop_thread()
+    or the previous one when ``selected`` is None); ``state`` resumes a saved pipeline."""
+    self.close()
     if selected is None:
       selected = self._selected
     else:
@@ -169,33 +217,48 @@ class HostStream:
         raise ValueError(f"selected mask has shape {selected.shape}; expected "
                          f"({self._counts['x_unlabeled']},), one flag per unlabeled image.")
     self._selected = selected
-    self._stop, self._queue = threading.Event(), queue.Queue(maxsize=self._prefetch)
-    self._next_step = step
-    self._thread = threading.Thread(target=self._produce, name="ggr_jax-host-stream",
-                                    args=(step, selected, self._stop, self._queue), daemon=True)
-    self._thread.start()
+    origin = step if state is None else int(state["origin"])
+    dataset = grain.MapDataset.source(self._source(selected, origin)).to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=self._prefetch))
+    if self._workers:
+      if not flags.FLAGS.is_parsed():  # Grain reads its absl flags (defaults) when it starts
+        flags.FLAGS.mark_as_parsed()    # workers; ggr_jax parses its own into other FlagValues
+      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self._workers, per_worker_buffer_size=self._prefetch),
+          worker_init_fn=_cpu_only_worker)
+    dataset = grain.experimental.ThreadPrefetchIterDataset(dataset.map(self._to_mesh),
+                                                           prefetch_buffer_size=self._prefetch)
+    self._iterator, self._origin, self._next_step = iter(dataset), origin, step
+    if state is not None:
+      self._iterator.set_state(json.loads(state["iterator"]))
+
+  def state(self) -> dict[str, Any]:
+    """Where the pipeline is: its origin step, the next step and Grain's iterator state."""
+    return {"origin": self._origin, "next_step": self._next_step,
+            "iterator": json.dumps(self._iterator.get_state())}
 
   def next(self, step: int) -> dict[str, jax.Array]:
     """The raw batch of ``step``, which must be the step after the previous one."""
     if step != self._next_step:
       raise RuntimeError(f"asked for step {step}, the stream is at step {self._next_step}; "
                          "call restart(step) to jump.")
-    item = self._queue.get()
-    if isinstance(item, _Failure):
-      raise RuntimeError("the host input pipeline failed") from item.error
-    produced, batch = item
-    assert produced == step, (produced, step)
+    try:
+      batch = next(self._iterator)
+    except Exception as error:  # pylint: disable=broad-except  # a worker's error, re-raised
+      raise RuntimeError(f"the host input pipeline failed at step {step}: "
+                         f"{type(error).__name__}: {error}") from error
+    produced = batch.pop(_STEP)
+    if produced != step:
+      raise RuntimeError(f"the input pipeline delivered step {produced} for step {step}; its "
+                         "saved state belongs to another step (checkpoint and input state "
+                         "disagree).")
     self._next_step += 1
     return batch
 
-  def _stop_thread(self) -> None:
-    if self._thread is not None:
-      self._stop.set()
-      self._thread.join()
-      self._thread = None
-
   def close(self) -> None:
-    self._stop_thread()
+    iterator, self._iterator = self._iterator, None
+    if iterator is not None and hasattr(iterator, "close"):
+      iterator.close()
 
   def __enter__(self) -> "HostStream":
     return self

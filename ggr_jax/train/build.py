@@ -98,10 +98,13 @@ class Program:
             **state.coordinator["reference"], "params": jax.tree.map(jnp.copy, params)}})
     return jax.device_put(state, self.replicated)
 
-  def feed(self, arrays: dict[str, np.ndarray], state: TrainState, start: int) -> feeds.Feed:
-    """The step's input feed from the host ``arrays`` (:func:`feeds.split_arrays`)."""
+  def feed(self, arrays: dict[str, np.ndarray], state: TrainState, start: int,
+           saved: dict | None = None) -> feeds.Feed:
+    """The step's input feed from the host ``arrays`` (:func:`feeds.split_arrays`);
+    ``saved``: the feed state stored with the checkpoint of step ``start``."""
     return feeds.make_feed(self.cfg.train.input, self.algorithm, step_lib.source_sizes(self.cfg),
-                           arrays, state, self.mesh, start, self.cfg.train.prefetch)
+                           arrays, state, self.mesh, start, self.cfg.train.prefetch,
+                           self.cfg.train.input_workers, saved)
 
   def epoch_boundary(self, state: TrainState, step: int, images: np.ndarray,
                      feed: feeds.Feed) -> TrainState:

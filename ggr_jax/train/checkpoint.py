@@ -68,6 +68,7 @@ class Checkpointer:
     under the digests) so that a checkpoint names the config it was trained with."""
     self._config = config
     self._writing: int | None = None  # the step of the newest save
+    self._feed_states: dict[int, dict] = {}  # written into the step folders when sealed
     self._workdir = pathlib.Path(workdir).absolute()
     self._directory = rundir.checkpoint_dir(workdir)
     self._manager = ocp.CheckpointManager(
@@ -77,11 +78,15 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, state: TrainState) -> None:
+  def save(self, state: TrainState, feed_state: dict | None = None) -> None:
     """Saves at ``state.step`` (asynchronously; the digests are written once it is
     finished: at the first later save that finds no write in progress, at :meth:`wait`
-    or at :meth:`close`; a save never waits for the previous one to finish)."""
+    or at :meth:`close`; a save never waits for the previous one to finish).
+    ``feed_state``: the input pipeline's state (JSON), stored beside it
+    (:meth:`feed_state`)."""
     step = int(state.step)
+    if feed_state is not None:
+      self._feed_states[step] = feed_state
     if step != self._manager.latest_step():
       self._check_room(step)
       if not self._manager.is_saving_in_progress():
@@ -158,6 +163,11 @@ class Checkpointer:
         f"{rundir.path(self._workdir, rundir.DAMAGED)}); move the workdir aside and start "
         "the run again.")
 
+  def feed_state(self, step: int) -> dict | None:
+    """The input pipeline's state stored with checkpoint ``step`` (None if there is none)."""
+    file = self._directory / str(step) / rundir.INPUT_STATE
+    return rundir.read_json(file) if file.exists() else None
+
   def wait(self) -> None:
     try:
       self._manager.wait_until_finished()
@@ -188,7 +198,12 @@ class Checkpointer:
         if self._config is not None:
           rundir.write_json(self._directory / str(step) / rundir.STEP_CONFIG, self._config,
                             sort_keys=True, default=list)
+        if step in self._feed_states:
+          rundir.write_json(self._directory / str(step) / rundir.INPUT_STATE,
+                            self._feed_states[step])
         rundir.write_json(self._checksum_file(step), _digests(self._directory / str(step)))
+    self._feed_states = {k: v for k, v in self._feed_states.items()  # the unsealed ones
+                         if not self._checksum_file(k).exists() and k >= min(steps, default=0)}
     for file in folder.glob("*.json"):
       if file.stem.isdigit() and int(file.stem) not in steps:
         file.unlink(missing_ok=True)

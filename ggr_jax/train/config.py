@@ -10,7 +10,7 @@ import ml_collections
 
 from ggr_jax.rectify import BASIS_SIGNS, GRANULARITIES, MODES, PER_SAMPLE_MODES, SUBSPACE_MODES
 from ggr_jax import ssl
-from ggr_jax.data import gcd_sources, imagenet_subset
+from ggr_jax.data import gcd_sources, imagenet30, imagenet_subset
 from ggr_jax.evaluate import THRESHOLD_RULES
 from ggr_jax.models import BACKBONES, VITS, convert_gcd
 from ggr_jax.ssl.interface import PROTOCOLS, SSL_PROTOCOLS
@@ -89,6 +89,10 @@ def _dataset(cfg: ml_collections.ConfigDict) -> None:
           "multiple of 5 below 100)")
   if name == "imagenet30":
     _choice(cfg, "dataset.in30_labels", ("p1", "p5"))
+    _choice(cfg, "dataset.on_bad_image", imagenet30.BAD_IMAGE_RULES)
+    if cfg.train.input != "stream":
+      _fail("train.input", cfg.train.input, "ImageNet-30 is read from disk per batch and never "
+            "held whole: use 'stream'")
   if name == "imagenet":
     _choice(cfg, "dataset.imagenet_subset", imagenet_subset.SUBSETS)
     if cfg.train.input != "stream":
@@ -258,6 +262,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
   for field in ("steps", "steps_per_epoch", "batch_size", "uratio", "log_every", "eval_every",
                 "checkpoint_every", "eval_batch_size", "prefetch", "nonfinite_patience"):
     _positive_int(cfg, f"train.{field}")
+  if not isinstance(cfg.train.input_workers, int) or cfg.train.input_workers < 0:
+    _fail("train.input_workers", cfg.train.input_workers, "must be 0 (a reader thread) or a "
+          "number of Grain worker processes")
   if not isinstance(cfg.train.seed, int) or cfg.train.seed < 0:
     _fail("train.seed", cfg.train.seed, "must be a non-negative integer")
   _dataset(cfg)

@@ -2,7 +2,7 @@
 
 ``train.input="device"``: :class:`ResidentFeed`, the whole split on device, the step
 samples its batch. ``"stream"``: :class:`StreamFeed`, the host pipeline's raw batch of
-each step (:class:`ggr_jax.data.stream.HostStream`). The trainer and the bench use
+each step from a Grain pipeline (:class:`ggr_jax.data.stream.HostStream`). The trainer and the bench use
 :func:`make_feed`; both feeds give the step the same batches.
 """
 
@@ -23,9 +23,12 @@ SPLIT_ARRAYS = ("x_labeled", "y_labeled", "x_unlabeled", "unlabeled_is_id")
 
 class Feed(Protocol):
   """``next(step)``: the step's data; ``restart(step, algo_state)``: continue from ``step``
-  after the algorithm state changed (a new row mask); ``close()``."""
+  after the algorithm state changed (a new row mask); ``state()``: what a checkpoint
+  stores to resume the feed (None: nothing); ``close()``."""
 
   def next(self, step: int) -> Any: ...
+
+  def state(self) -> dict[str, Any] | None: ...
 
   def restart(self, step: int, algo_state: Any) -> None: ...
 
@@ -55,6 +58,9 @@ class ResidentFeed:
   def restart(self, step: int, algo_state: Any) -> None:
     pass
 
+  def state(self) -> None:
+    return None
+
   def close(self) -> None:
     pass
 
@@ -77,14 +83,19 @@ class StreamFeed:
   def restart(self, step: int, algo_state: Any) -> None:
     self.stream.restart(step, self._mask(algo_state))
 
+  def state(self) -> dict[str, Any]:
+    return self.stream.state()
+
   def close(self) -> None:
     self.stream.close()
 
 
 def make_feed(input_kind: str, algorithm: Algorithm, sizes: dict[str, int],
               arrays: dict[str, np.ndarray], state: Any, mesh: Mesh, start: int,
-              prefetch: int = 2) -> Feed:
-  """The feed of ``train.input = input_kind`` for a run at ``state`` (step ``start``)."""
+              prefetch: int = 2, workers: int = 0,
+              saved: dict[str, Any] | None = None) -> Feed:
+  """The feed of ``train.input = input_kind`` for a run at ``state`` (step ``start``);
+  ``saved``: the feed state a checkpoint of that step stored."""
   if input_kind == "device":
     lazy = [name for name, value in arrays.items() if getattr(value, "read_on_demand", False)]
     if lazy:
@@ -97,5 +108,8 @@ def make_feed(input_kind: str, algorithm: Algorithm, sizes: dict[str, int],
   if algorithm.source_mask is not None:
     mask = host_copy(algorithm.source_mask(state.algo_state))
   key = jax.random.fold_in(host_copy(state.key), 0)
+  if saved is not None and saved.get("next_step") != start:
+    saved = None  # from another step: the step alone determines the batches
   return StreamFeed(algorithm, dict(split=arrays, key=key, sizes=sizes, mesh=mesh,
-                                    start_step=start, selected=mask, prefetch=prefetch))
+                                    start_step=start, selected=mask, prefetch=prefetch,
+                                    workers=workers, state=saved))

@@ -134,7 +134,8 @@ def _load_split(cfg: ml_collections.ConfigDict) -> OpenSetSplit:
           "config.dataset.data_dir is empty: ImageNet-30 is read from a local root (the "
           "official data/imagenet30); set --config.dataset.data_dir=ROOT.")
     split = imagenet30.imagenet30_split(data_dir, labels=ds.in30_labels,
-                                        image_size=ds.image_size)
+                                        image_size=ds.image_size,
+                                        on_bad_image=ds.on_bad_image)
   else:
     raise config_lib.ConfigError(f"config.dataset.name = {ds.name!r} has no loader.")
   if ds.get("unlabeled_excludes_labeled", False):
@@ -319,13 +320,13 @@ class Trainer:
     self.startup["state_s"] = time.perf_counter() - self._created
     primary = distributed.is_primary()  # the one process that logs, prints and summarizes
     log = MetricsLog(workdir, resume_step=start) if primary else NullLog()
-    feed = self.program.feed(split_arrays(self.split), state, start)
+    feed = self.program.feed(split_arrays(self.split), state, start, ckpt.feed_state(start))
     total, pending, last_eval = cfg.train.steps, _load_pending(workdir, start), None
 
     def save(state):  # the checkpoint, and the metrics of the unfinished log interval
       if primary:
         _save_pending(workdir, int(state.step), pending)
-      ckpt.save(state)
+      ckpt.save(state, feed.state())
 
     bar = _progress(start, total, self.progress and primary)
     t0, wall_start, step = time.perf_counter(), time.perf_counter(), start
