@@ -13,8 +13,7 @@ from jax.sharding import Mesh
 from ggr_jax import ssl
 from ggr_jax.data import sampling
 from ggr_jax.data.stream import HostStream, _EpochStreams
-from ggr_jax.train import config as config_lib, loop, step as step_lib
-from ggr_jax.train.checkpoint import Checkpointer
+from ggr_jax.train import config as config_lib, step as step_lib
 from tests.test_train import tiny_config
 
 
@@ -171,30 +170,6 @@ def test_input_mode_is_validated():
   cfg.train.input = "disk"
   with pytest.raises(config_lib.ConfigError, match="train.input = 'disk'"):
     config_lib.validate(cfg, num_devices=1)
-
-
-@pytest.mark.parametrize("algorithm", ["openmatch"])  # every kind of source
-def test_streamed_training_equals_device_sampled_training(algorithm, tmp_path):
-  """Whole runs (OpenMatch re-selecting inliers at every epoch) end bit-identical."""
-  params = []
-  for mode in ("device", "stream"):
-    cfg = tiny_config(algorithm, "vlr", steps=6)
-    cfg.train.input = mode
-    trainer = loop.Trainer(cfg, tmp_path / mode, progress=False, devices=jax.devices()[:2])
-    trainer.run()
-    assert trainer.program.train_step._cache_size() == 1  # pylint: disable=protected-access
-    params.append(_final_params(trainer, tmp_path / mode))
-  initial = jax.device_get(trainer.program.init_state().params)
-  assert max(float(np.max(np.abs(a - b))) for a, b in
-             zip(jax.tree.leaves(params[0]), jax.tree.leaves(initial))) > 1e-4
-  jax.tree.map(np.testing.assert_array_equal, params[0], params[1])
-
-
-def _final_params(trainer, workdir):
-  ckpt = Checkpointer(workdir)
-  state = trainer.restore(ckpt)
-  ckpt.close()
-  return jax.device_get(state.params)
 
 
 def test_step_sizes_follow_the_algorithm_sources():
