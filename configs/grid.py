@@ -41,7 +41,7 @@ Keys (all optional; defaults in brackets):
   own, which differ on ImageNet-30 only (IOMatch and OpenMatch: 102,400 iterations,
   weight decay 3e-4, unlabeled ratio 2, against GGR-IOMatch's 204,800, 5e-4, 3).
 * ``runlocal`` [False]: a smoke run of the same cell with tiny shapes (batch 2,
-  unlabeled ratio 2, 3 steps, evaluation on at most 64 test images, ImageNet and
+  unlabeled ratio 2, 3 steps, evaluation on at most 64 test images, no input workers, ImageNet and
   ImageNet-30 at 32x32, the small CNN in place of WRN/ResNet) that finishes in well under a minute on
   a CPU.
 
@@ -260,7 +260,7 @@ def _official_baseline(cfg: ml_collections.ConfigDict, algorithm: str, dataset: 
 def _runlocal(cfg: ml_collections.ConfigDict) -> None:
   cfg.model.backbone = "cnn"
   cfg.train.update(steps=3, steps_per_epoch=2, batch_size=2, uratio=2, log_every=1,
-                   eval_every=3, checkpoint_every=3, eval_batch_size=32)
+                   eval_every=3, checkpoint_every=3, eval_batch_size=32, input_workers=0)
   cfg.dataset.update(max_test_images=64, image_size=32)
   if cfg.augment.crop:
     cfg.augment.crop = 28
