@@ -18,16 +18,19 @@ it: XLA's flop and bytes-accessed counts (``cost_analysis``) and its buffer plan
 of peak memory that a CPU can give for an accelerator-sized step without running it.
 
 ``sum_stream`` is the ``sum`` step fed by the host input pipeline (``train.input =
-"stream"``: uint8 batches gathered on the host and prefetched to device), so its ratio
+"stream"``: uint8 batches from the Grain pipeline, prefetched to device), so its ratio
 to ``sum`` shows whether the step waits for its input. The pipeline rows (``--pipeline``)
 time the host pipeline alone, draining prefetched batches without a step, and set its
-images/s against the images/s the ``sum`` step consumes.
+images/s against the images/s the ``sum`` step consumes; at 224 pixels and more it reads
+JPEG files, decoded by ``--pipeline-workers`` Grain processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
+import tempfile
 import time
 from typing import Any
 
@@ -194,30 +197,64 @@ def compiled_figures(compiled) -> dict[str, float | None]:
           "xla_planned_bytes": planned}
 
 
+def _jpeg_tables(work: Workload, folder: pathlib.Path, files: int = 256,
+                 seed: int = 0) -> dict[str, Any]:
+  """The synthetic split as JPEG files on disk (``files`` distinct 500x375 images, smooth
+  with noise like photographs, cycled to the split's rows) read through ImageNet-30's
+  tables, so the pipeline decodes and resizes every row as on the real data set."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from ggr_jax.data.imagenet30 import ImageFileTable  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  h, w = 375, 500
+  grid = np.add.outer(np.linspace(0, 1, h), np.linspace(0, 1, w))
+  paths = []
+  for i in range(files):
+    phase = rng.uniform(0, 6, 3)
+    image = 127 + 100 * np.sin(3 * grid[..., None] + phase) + rng.normal(0, 12, (h, w, 3))
+    path = folder / f"{i:04d}.jpg"
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path, quality=90)
+    paths.append(path)
+  host = _synthetic_data(work, seed)
+  size = work.image_shape[0]
+
+  def table(n: int) -> ImageFileTable:
+    return ImageFileTable([paths[i % files] for i in range(n)], size, centre_crop=False,
+                          num_workers=2)
+  return {**host, "x_labeled": table(len(host["y_labeled"])),
+          "x_unlabeled": table(len(host["unlabeled_is_id"]))}
+
+
 def time_pipeline(algorithm: str, work: Workload, steps: int = 20, warmup: int = 3,
-                  prefetch: int = 2) -> dict[str, Any]:
-  """The host pipeline alone: raw batches per second drained from a prefetching stream."""
+                  prefetch: int = 2, workers: int = 0) -> dict[str, Any]:
+  """The host pipeline alone: raw batches per second drained from a prefetching stream.
+
+  Workloads stored at 224 pixels or more read JPEG files (:func:`_jpeg_tables`), decoded
+  by ``workers`` Grain processes (0: a reader thread); the others index arrays."""
   cfg = _config(algorithm, work, {})
   cfg.train.prefetch = prefetch
-  host = _synthetic_data(work)
   sizes = step_lib.source_sizes(cfg)
-  selected = np.ones(host["x_unlabeled"].shape[0], bool) if "selected" in sizes else None
-  with HostStream(host, jax.random.PRNGKey(0), sizes, _mesh(), 0, selected=selected,
-                  prefetch=prefetch) as stream:
-    for i in range(warmup):
-      jax.block_until_ready(stream.next(i))
-    start = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-      jax.block_until_ready(stream.next(i))
-    elapsed = time.perf_counter() - start
+  with tempfile.TemporaryDirectory(prefix="ggr_jax_bench_jpeg_") as folder:
+    jpeg = work.image_shape[0] >= 224
+    host = _jpeg_tables(work, pathlib.Path(folder)) if jpeg else _synthetic_data(work)
+    n_ulb = len(host["unlabeled_is_id"])
+    selected = np.ones(n_ulb, bool) if "selected" in sizes else None
+    with HostStream(host, jax.random.PRNGKey(0), sizes, _mesh(), 0, selected=selected,
+                    prefetch=prefetch, workers=workers) as stream:
+      for i in range(warmup):
+        jax.block_until_ready(stream.next(i))
+      start = time.perf_counter()
+      for i in range(warmup, warmup + steps):
+        jax.block_until_ready(stream.next(i))
+      elapsed = time.perf_counter() - start
   images = sum(sizes.values())
   return {"images_per_batch": images, "batches_per_s": steps / elapsed,
-          "images_per_s": images * steps / elapsed,
+          "images_per_s": images * steps / elapsed, "jpeg": jpeg, "workers": workers,
           "mib_per_s": images * np.prod(work.image_shape) * steps / elapsed / 2**20}
 
 
 def run(workloads: list[str], algorithms: list[str], variants: list[str], steps: int = 20,
-        warmup: int = 3, verbose: bool = True, pipeline: bool = False) -> dict[str, Any]:
+        warmup: int = 3, verbose: bool = True, pipeline: bool = False,
+        pipeline_workers: int = 0) -> dict[str, Any]:
   """Benchmarks every cell and returns the JSON-ready report."""
   for name in workloads:
     if name not in WORKLOADS:
@@ -253,7 +290,7 @@ def run(workloads: list[str], algorithms: list[str], variants: list[str], steps:
           print(format_row(row), flush=True)
       if pipeline:
         row = {"workload": wname, "algorithm": algorithm, "workload_config": dataclasses.asdict(work),
-               **time_pipeline(algorithm, work, steps, warmup)}
+               **time_pipeline(algorithm, work, steps, warmup, workers=pipeline_workers)}
         if base is not None:
           row["step_images_per_s"] = row["images_per_batch"] / (base["median_ms"] / 1e3)
           row["pipeline_to_step"] = row["images_per_s"] / row["step_images_per_s"]
@@ -266,7 +303,8 @@ def run(workloads: list[str], algorithms: list[str], variants: list[str], steps:
 def format_pipeline_row(row: dict[str, Any]) -> str:
   step = (f"  step consumes {row['step_images_per_s']:9.0f} img/s  pipeline/step "
           f"x{row['pipeline_to_step']:.1f}" if "step_images_per_s" in row else "")
-  return (f"{row['workload']:<14}{row['algorithm']:<10}{'host pipeline':<22}"
+  name = "host pipeline" + (f" jpeg w{row['workers']}" if row.get("jpeg") else "")
+  return (f"{row['workload']:<14}{row['algorithm']:<10}{name:<22}"
           f"{row['images_per_s']:9.0f} img/s ({row['mib_per_s']:.0f} MiB/s){step}")
 
 

@@ -202,6 +202,8 @@ def bench_main(argv: list[str]) -> int:
                       help="comma list ('' for none, e.g. with --pipeline)")
   parser.add_argument("--pipeline", action="store_true",
                       help="also time the host input pipeline alone against the sum step")
+  parser.add_argument("--pipeline-workers", type=int, default=0,
+                      help="Grain worker processes of the timed pipeline (0: a reader thread)")
   parser.add_argument("--steps", type=_positive_int, default=20, help="timed steps per cell")
   parser.add_argument("--warmup", type=_positive_int, default=3)
   parser.add_argument("--json", default=None, help="write the report here")
@@ -209,7 +211,7 @@ def bench_main(argv: list[str]) -> int:
   try:
     report = bench.run(args.workloads.split(","), args.algorithms.split(","),
                        [v for v in args.variants.split(",") if v], args.steps, args.warmup,
-                       pipeline=args.pipeline)
+                       pipeline=args.pipeline, pipeline_workers=args.pipeline_workers)
   except ValueError as err:
     print(f"ggr-jax bench: {err}", file=sys.stderr)
     return 2

@@ -18,6 +18,7 @@ from ggr_jax.sweep import submitit_launcher as launcher
 from tests.test_sweep import TINY
 
 submitit = pytest.importorskip("submitit")
+STEPS = 150
 
 
 @pytest.mark.parametrize("text, minutes", [("90", 90), ("90:30", 91), ("01:30:00", 90),
@@ -88,8 +89,9 @@ def test_status_reads_each_state_from_the_workdir_and_the_job_record(tmp_path, c
 
 
 def _spec(tmp_path: pathlib.Path, steps: int, seeds: list[int]) -> pathlib.Path:
+  # TINY's compile with steps long enough (batch 128) to be stopped while they run
   overrides = {**TINY, "train.steps": steps, "train.log_every": 10, "train.eval_every": steps,
-               "train.checkpoint_every": steps, "train.seed": seeds}
+               "train.checkpoint_every": steps, "train.batch_size": 128, "train.seed": seeds}
   spec = tmp_path / "spec.py"
   spec.write_text("from ggr_jax import sweep\n"
                   "def get_sweep():\n"
@@ -120,7 +122,7 @@ def test_local_executor_trains_skips_done_requeues_a_preempted_cell_and_resumes_
     tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device per cell: the fastest compile
   root = tmp_path / "root"
-  args = ["sweep", str(_spec(tmp_path, 600, [0])), "--root", str(root),
+  args = ["sweep", str(_spec(tmp_path, STEPS, [0])), "--root", str(root),
           "--launcher", "submitit-local", "--time", "30", "--no-report"]
   cell, = sweep.load_spec(args[1])
   workdir = root / cell.name
@@ -134,7 +136,7 @@ def test_local_executor_trains_skips_done_requeues_a_preempted_cell_and_resumes_
   os.kill(task, signal.SIGUSR2)
   assert job.result()["status"] == "trained"
   summary = json.loads(rundir.path(workdir, rundir.SUMMARY).read_text())
-  assert 0 < summary["resumed_from"] < 600 and summary["steps"] == 600
+  assert 0 < summary["resumed_from"] < STEPS and summary["steps"] == STEPS
   assert rundir.path(workdir, rundir.SWEEP_LOG).read_text().count("=== ggr-jax sweep") == 2
 
   # A done cell is not submitted again.
@@ -143,7 +145,7 @@ def test_local_executor_trains_skips_done_requeues_a_preempted_cell_and_resumes_
 
   # Cancel (scancel): the trainer saves on the way out; --status says interrupted, and
   # the next sweep resubmits the cell, which resumes.
-  args = ["sweep", str(_spec(tmp_path, 600, [1])), "--root", str(root),
+  args = ["sweep", str(_spec(tmp_path, STEPS, [1])), "--root", str(root),
           "--launcher", "submitit-local", "--time", "30", "--no-report"]
   assert cli.main(args) == 0
   workdir = root / "s1"
@@ -160,7 +162,7 @@ def test_local_executor_trains_skips_done_requeues_a_preempted_cell_and_resumes_
   out = capsys.readouterr().out
   assert f"s1: resume from step {row.steps} as job" in out
   resumed = json.loads(rundir.path(workdir, rundir.SUMMARY).read_text())
-  assert resumed["resumed_from"] == row.steps and resumed["steps"] == 600
+  assert resumed["resumed_from"] == row.steps and resumed["steps"] == STEPS
 
 
 class _TaskEnv:

@@ -326,7 +326,7 @@ def test_a_garbled_imagenet30_file_list_is_one_line(tmp_path, capsys):
   lists.mkdir(parents=True)
   (lists / "train_labeled_p1.txt").write_text("data/imagenet30/a.png 0\nno label here\n")
   rc = cli.main(["train", "--workdir", str(tmp_path / "run"), "--config.dataset.name=imagenet30",
-                 f"--config.dataset.data_dir={tmp_path / 'in30'}"])
+                 "--config.train.input=stream", f"--config.dataset.data_dir={tmp_path / 'in30'}"])
   err = capsys.readouterr().err.strip()
   assert rc == 2 and len(err.splitlines()) == 1
   assert "train_labeled_p1.txt:2: expected '<path> <integer label>'" in err
