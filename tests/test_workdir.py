@@ -90,10 +90,10 @@ def test_a_sweep_refuses_a_cell_whose_workdir_a_trainer_holds(holder):
 
 PARENT = """
 import os, subprocess, sys, time
-from ggr_jax.sweep import runner
+from ggr_jax.sweep import placement
 me = os.getpid()
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
-                         preexec_fn=lambda: runner._terminate_with_parent(me),
+                         preexec_fn=lambda: placement.terminate_with_parent(me),
                          start_new_session=True)
 print(child.pid, flush=True)
 time.sleep(120)

@@ -7,7 +7,9 @@ import glob
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 
 from ggr_jax.sweep.spec import SweepError
 
@@ -105,3 +107,15 @@ def _tpu_env(chip: str, port: int) -> dict[str, str]:
           "TPU_PROCESS_ADDRESSES": f"localhost:{port}", "CLOUD_TPU_TASK_ID": "0"}
 
 
+
+
+def terminate_with_parent(parent: int) -> None:
+  """In a child of ``parent`` (a cell's trainer): SIGTERM when the parent dies, even by
+  ``kill -9`` (Linux), so that no cell trains on as an orphan; the cell checkpoints and
+  exits as on a Ctrl-C."""
+  if sys.platform.startswith("linux"):
+    import ctypes  # pylint: disable=import-outside-toplevel
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request was made
+      os.kill(os.getpid(), signal.SIGTERM)

@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable
 
 from ggr_jax import rundir
-from ggr_jax.sweep.placement import Slot, make_slots
+from ggr_jax.sweep.placement import Slot, make_slots, terminate_with_parent
 from ggr_jax.sweep import status as status_lib
 from ggr_jax.sweep.spec import (Cell, SweepError, cell_state, checkpoint_step, load_spec,
                                 resolve_config)
@@ -88,7 +88,7 @@ def _start(outcome: Outcome, slot: Slot) -> subprocess.Popen:
   def preexec():
     if cpus:
       os.sched_setaffinity(0, cpus)
-    _terminate_with_parent(sweep_pid)
+    terminate_with_parent(sweep_pid)
   try:
     # A session of its own: a terminal's Ctrl-C reaches the sweep only, which stops the
     # cells with SIGTERM (the train loop saves a checkpoint and exits 130).
@@ -97,18 +97,6 @@ def _start(outcome: Outcome, slot: Slot) -> subprocess.Popen:
                             preexec_fn=preexec)
   finally:
     log.close()
-
-
-def _terminate_with_parent(parent: int) -> None:
-  """In a child of ``parent``: SIGTERM when the parent dies, even by ``kill -9``
-  (Linux), so that no cell trains on as an orphan; the cell checkpoints and exits as on
-  a Ctrl-C."""
-  if sys.platform.startswith("linux"):
-    import ctypes  # pylint: disable=import-outside-toplevel
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before the request was made
-      os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _finished(outcome: Outcome, rc: int, stopping: bool) -> str:

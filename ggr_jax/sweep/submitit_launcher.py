@@ -24,6 +24,7 @@ at once, on this machine); it is how the launcher is tested without a cluster.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 import re
@@ -35,6 +36,7 @@ import time
 from typing import Any, Iterable
 
 from ggr_jax import rundir
+from ggr_jax.sweep.placement import terminate_with_parent
 from ggr_jax.sweep.spec import Cell, SweepError
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
@@ -166,13 +168,6 @@ def make_executor(launcher: str, folder: str | os.PathLike, options: LauncherOpt
   return executor
 
 
-def _terminate_with_parent() -> None:
-  """In the trainer: SIGTERM when the task process dies (Linux), so no trainer orphans."""
-  if sys.platform.startswith("linux"):
-    import ctypes  # pylint: disable=import-outside-toplevel
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 @dataclasses.dataclass
 class CellJob:
   """A submitit job function: one cell's trainer in a child process, checkpointable."""
@@ -206,7 +201,8 @@ class CellJob:
       log.flush()
       self._process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, env=env,
-                                       preexec_fn=_terminate_with_parent)
+                                       preexec_fn=functools.partial(terminate_with_parent,
+                                                                    os.getpid()))
     if rank != 0:  # submitit checkpoints on task 0 only; the others stop their trainer
       signal.signal(signal.SIGUSR2, lambda *_: self._stop_trainer(wait=False))
     try:
