@@ -182,7 +182,7 @@ def time_step(algorithm: str, work: Workload, variant: dict[str, Any], steps: in
   return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
           "p90_ms": float(np.percentile(ms, 90)), "compile_s": compile_s,
           "compilations": step._cache_size(),  # pylint: disable=protected-access
-          "peak_bytes": stats.get("peak_bytes_in_use"), **xla}
+          "peak_bytes": stats.get("peak_bytes_in_use"), "step_ms": ms.tolist(), **xla}
 
 
 def compiled_figures(compiled) -> dict[str, float | None]:
