@@ -22,7 +22,8 @@ per-device gather, and the placement on the mesh. Augmentation stays inside the 
 step. Indices depend only on ``(key, step, selected)``; :meth:`HostStream.state` is
 Grain's iterator state (with the step the pipeline started at), which the checkpoint
 stores so that a resumed run continues from the same batch (:meth:`HostStream.restart`
-with ``state=``).
+with ``state=``). Worker processes are spawned: a script that streams with ``workers > 0``
+needs the ``if __name__ == "__main__":`` guard (``ggr-jax`` has it).
 
 Example:
   >>> import jax, numpy as np
@@ -180,6 +181,7 @@ class HostStream:
                            (source, *sampling.SOURCE_ROWS[source][1])}
     self._prefetch, self._workers = prefetch, workers
     self._iterator: Any = None
+    self._indexer: StepBatches | None = None
     self._selected: np.ndarray | None = None
     self._origin = start_step
     self.restart(start_step, selected, state=state)
@@ -189,7 +191,10 @@ class HostStream:
 
   def indices(self, step: int, selected: np.ndarray | None) -> dict[str, np.ndarray]:
     """The global row indices of batch ``step`` (host numpy), as the device path draws them."""
-    return self._source(selected, 0).indices(step)
+    if self._indexer is None:  # one source (and one set of jitted functions) for queries
+      self._indexer = self._source(None, 0)
+    self._indexer.selected = selected
+    return self._indexer.indices(step)
 
   def _to_mesh(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """This process's rows on its devices, as global arrays over the mesh."""
