@@ -150,9 +150,12 @@ def test_local_executor_trains_skips_done_requeues_a_preempted_cell_and_resumes_
   assert cli.main(args) == 0
   workdir = root / "s1"
   _wait_for(_stepping(workdir), "the second cell's first steps")
-  record = launcher.read_jobs(root)["s1"]
+  controller = int(launcher.read_jobs(root)["s1"]["job_id"])
   assert status_lib.cell_status(root, "s1").state == "running"
-  os.kill(int(record["job_id"]), signal.SIGINT)  # LocalJob.cancel's signal
+  trainer, = [pid for task in _children(controller) for pid in _children(task)
+              if b"ggr_jax.cli" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()]
+  for pid in (trainer, controller):  # scancel: SIGTERM to every process of the job
+    os.kill(pid, signal.SIGTERM)
   _wait_for(lambda: status_lib.cell_status(root, "s1").state != "running",
             "the cancelled job's end")
   row = status_lib.cell_status(root, "s1")
