@@ -13,11 +13,13 @@ concatenated batch, ``autograd.grad`` of the supervised and the auxiliary loss, 
 subspace update, the rectification, the surrogate ``sum(p * g.detach())`` backward and
 ``SGD(nesterov=True).step()`` (weight decay 5e-4 off BatchNorm and biases, as the
 official ``get_optimizer``). ``plain`` is the official one-backward update
-(``ParamUpdateHook``). The losses are FixMatch's (cross-entropy on the labeled views,
+(``ParamUpdateHook``). ``--losses fixmatch``: cross-entropy on the labeled views and
 masked cross-entropy of the strong view against the weak view's hard pseudo-label at
-0.95). The batch: 8 labeled + 56 weak + 56 strong 32x32 images, WRN-28-2, 6 classes.
+0.95 on the bare WRN; ``iomatch``: the official ``GGRIOMatchNet`` and the losses of
+``GGRIOMatch.train_step`` at the shipped settings (its ``mb_sup_loss`` and
+``masked_soft_ce``). The batch: 8 labeled + 56 weak + 56 strong 32x32 images, WRN-28-2, 6 classes.
 
-ggr_jax's side is ``ggr-jax bench``'s step on the same batch (``fixmatch``, variants
+ggr_jax's side is ``ggr-jax bench``'s step on the same batch (``fixmatch`` or ``iomatch``, variants
 ``sum``, ``vlr``, ``osr_k10``, ``csr_k10``); it also samples the batch and runs
 RandAugment on device, which the official step receives done (its data loader's work).
 
@@ -29,6 +31,7 @@ Each (side, variant) runs in a process of its own, so the peak resident memory
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -67,14 +70,80 @@ def _official_modules(root: pathlib.Path) -> tuple[types.ModuleType, types.Modul
   return _load(files[0], "official_wrn"), _load(files[1], "official_ggr")
 
 
-def _time_official(root: pathlib.Path, mode: str, steps: int, warmup: int) -> dict:
+class _Stub(types.ModuleType):
+  """A framework module the IOMatch file imports but its network and losses never use."""
+
+  def __getattr__(self, name: str):
+    if name.startswith("__"):
+      raise AttributeError(name)
+    return type(name, (), {"register": staticmethod(lambda *a, **k: (lambda cls: cls))})
+
+
+def _official_iomatch(root: pathlib.Path) -> types.ModuleType:
+  """``GGRIOMatchNet`` (``ggriomatch.py``) with ``mb_sup_loss`` and ``masked_soft_ce``
+  (``ggriomatch/utils.py``), loaded from their files."""
+  folder = root / "semilearn/algorithms/ggriomatch"
+  for name in ("semilearn.core", "semilearn.core.algorithmbase", "semilearn.core.utils",
+               "semilearn.algorithms", "semilearn.algorithms.hooks",
+               "semilearn.algorithms.utils"):
+    sys.modules.setdefault(name, _Stub(name))
+  package = types.ModuleType("semilearn.algorithms.ggriomatch")
+  package.__path__ = [str(folder)]
+  sys.modules["semilearn.algorithms.ggriomatch"] = package
+  sys.modules["semilearn.algorithms.ggriomatch.utils"] = _load(
+      folder / "utils.py", "semilearn.algorithms.ggriomatch.utils")
+  return _load(folder / "ggriomatch.py", "semilearn.algorithms.ggriomatch.ggriomatch")
+
+
+def _fixmatch_losses(model, x, y):
   import torch  # pylint: disable=import-outside-toplevel
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+  logits = model(x)["logits"]
+  logits_w, logits_s = logits[LABELED:].chunk(2)
+  sup = F.cross_entropy(logits[:LABELED], y)
+  with torch.no_grad():
+    confidence, pseudo = torch.softmax(logits_w, -1).max(-1)
+    mask = confidence.ge(THRESHOLD).float()
+  return sup, (F.cross_entropy(logits_s, pseudo, reduction="none") * mask).mean()
+
+
+def _iomatch_losses(io, model, x, y):
+  """The official ``GGRIOMatch.train_step`` losses at its shipped settings (lambda_u,
+  lambda_mb and lambda_op 1, no graph or rotation loss, p_cutoff 0.95, q_cutoff 0.5)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+  out = model(x)
+  logits_w, logits_s = out["logits"][LABELED:].chunk(2)
+  _, open_s = out["logits_open"][LABELED:].chunk(2)
+  mb_w, _ = out["logits_mb"][LABELED:].chunk(2)
+  sup = (F.cross_entropy(out["logits"][:LABELED], y)
+         + io.mb_sup_loss(out["logits_mb"][:LABELED], y))
+  with torch.no_grad():
+    p = torch.softmax(logits_w, -1)
+    r = torch.softmax(mb_w.view(UNLABELED, 2, -1), dim=1)
+    in_mask = torch.sum(p * r[:, 0, :], dim=1) < 0.5
+    q = torch.cat([p * r[:, 1, :], torch.sum(p * r[:, 0, :], 1, keepdim=True)], 1)
+    p_mask = p.max(-1)[0].ge(THRESHOLD).float()
+    q_mask = q.max(-1)[0].ge(0.5).float()
+  aux = (io.masked_soft_ce(logits_s, p, in_mask.float() * p_mask, norm_mode="mean")
+         + io.masked_soft_ce(open_s, q, q_mask, norm_mode="mean"))
+  return sup, aux
+
+
+def _time_official(root: pathlib.Path, mode: str, steps: int, warmup: int,
+                   losses: str = "fixmatch") -> dict:
+  import torch  # pylint: disable=import-outside-toplevel
   wrn, ggr = _official_modules(root)
   torch.manual_seed(0)
   model = wrn.wrn_28_2(num_classes=CLASSES)
+  compute_losses = functools.partial(_fixmatch_losses, model)
+  if losses == "iomatch":
+    io = _official_iomatch(root)
+    model = io.GGRIOMatchNet(model, num_classes=CLASSES, proj_size=128, use_rot=False)
+    compute_losses = functools.partial(_iomatch_losses, io, model)
   model.train()
-  no_decay = set(model.no_weight_decay())
+  # the official get_optimizer's rule: no weight decay on BatchNorm and biases
+  no_decay = {n for n, _ in model.named_parameters() if "bn" in n or "bias" in n}
   groups = [{"params": [p for n, p in model.named_parameters() if n not in no_decay]},
             {"params": [p for n, p in model.named_parameters() if n in no_decay],
              "weight_decay": 0.0}]
@@ -84,13 +153,7 @@ def _time_official(root: pathlib.Path, mode: str, steps: int, warmup: int) -> di
   y = torch.randint(0, CLASSES, (LABELED,))
 
   def step():
-    logits = model(x)["logits"]
-    logits_w, logits_s = logits[LABELED:].chunk(2)
-    sup = F.cross_entropy(logits[:LABELED], y)
-    with torch.no_grad():
-      confidence, pseudo = torch.softmax(logits_w, -1).max(-1)
-      mask = confidence.ge(THRESHOLD).float()
-    aux = (F.cross_entropy(logits_s, pseudo, reduction="none") * mask).mean()
+    sup, aux = compute_losses(x, y)
     if mode == "plain":
       (sup + aux).backward()
     else:
@@ -126,28 +189,29 @@ def _time_official(root: pathlib.Path, mode: str, steps: int, warmup: int) -> di
   return {"times_ms": times, "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
-def _time_jax(variant: str, steps: int, warmup: int) -> dict:
+def _time_jax(variant: str, steps: int, warmup: int, losses: str = "fixmatch") -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from ggr_jax import allocator, bench  # pylint: disable=import-outside-toplevel
   allocator.retain_freed_memory()
   work = bench.Workload("wrn28_2", (32, 32, 3), LABELED, UNLABELED // LABELED,
                         num_classes=CLASSES)
-  figures = bench.time_step("fixmatch", work, bench.VARIANTS[VARIANTS[variant]], steps, warmup)
+  figures = bench.time_step(losses, work, bench.VARIANTS[VARIANTS[variant]], steps, warmup)
   return {"times_ms": figures["step_ms"], "xla_flops": figures.get("xla_flops"),
           "jax": jax.__version__}
 
 
 def _worker(args: argparse.Namespace) -> None:
   if args.side == "official":
-    out = _time_official(pathlib.Path(args.official), args.variant, args.steps, args.warmup)
+    out = _time_official(pathlib.Path(args.official), args.variant, args.steps, args.warmup,
+                         args.losses)
   else:
-    out = _time_jax(args.variant, args.steps, args.warmup)
+    out = _time_jax(args.variant, args.steps, args.warmup, args.losses)
   out["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print("RESULT " + json.dumps(out), flush=True)
 
 
-def _run_worker(side: str, variant: str, args: argparse.Namespace) -> dict:
-  command = [sys.executable, __file__, "--worker", side, "--variant", variant,
+def _run_worker(side: str, variant: str, losses: str, args: argparse.Namespace) -> dict:
+  command = [sys.executable, __file__, "--worker", side, "--variant", variant, "--losses", losses,
              "--official", args.official, "--steps", str(args.steps),
              "--warmup", str(args.warmup)]
   env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
@@ -162,6 +226,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--official", required=True, help="a checkout of JiaheChen2002/GGR")
   parser.add_argument("--variants", default=",".join(VARIANTS))
+  parser.add_argument("--losses", default="fixmatch,iomatch",
+                      help="comma list of fixmatch, iomatch (a worker takes one)")
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--steps", type=int, default=10, help="timed steps per worker")
   parser.add_argument("--warmup", type=int, default=3)
@@ -180,23 +246,26 @@ def main() -> None:
     sys.exit(f"vs_official: unknown variants {unknown}; choose from {list(VARIANTS)}.")
   _official_modules(pathlib.Path(args.official))  # a bad checkout stops here
   rows = []
-  for variant in variants:
-    runs: dict[str, list[dict]] = {"official": [], "jax": []}
-    for _ in range(args.rounds):
-      for side in ("official", "jax"):
-        runs[side].append(_run_worker(side, variant, args))
-    row = {"variant": variant}
-    for side, results in runs.items():
-      times = sorted(t for r in results for t in r["times_ms"])
-      row[f"{side}_median_ms"] = times[len(times) // 2]
-      row[f"{side}_max_rss_mib"] = max(r["max_rss_mib"] for r in results)
-    row["time_ratio"] = row["jax_median_ms"] / row["official_median_ms"]
-    row["memory_ratio"] = row["jax_max_rss_mib"] / row["official_max_rss_mib"]
-    rows.append(row)
-    print(f"{variant:<6} official {row['official_median_ms']:8.1f} ms "
-          f"{row['official_max_rss_mib']:6.0f} MiB | ggr_jax {row['jax_median_ms']:8.1f} ms "
-          f"{row['jax_max_rss_mib']:6.0f} MiB | time x{row['time_ratio']:.2f} "
-          f"memory x{row['memory_ratio']:.2f}", flush=True)
+  for losses in args.losses.split(","):
+    if losses not in ("fixmatch", "iomatch"):
+      sys.exit(f"vs_official: unknown losses {losses!r}; choose fixmatch or iomatch.")
+    for variant in variants:
+      runs: dict[str, list[dict]] = {"official": [], "jax": []}
+      for _ in range(args.rounds):
+        for side in ("official", "jax"):
+          runs[side].append(_run_worker(side, variant, losses, args))
+      row = {"losses": losses, "variant": variant}
+      for side, results in runs.items():
+        times = sorted(t for r in results for t in r["times_ms"])
+        row[f"{side}_median_ms"] = times[len(times) // 2]
+        row[f"{side}_max_rss_mib"] = max(r["max_rss_mib"] for r in results)
+      row["time_ratio"] = row["jax_median_ms"] / row["official_median_ms"]
+      row["memory_ratio"] = row["jax_max_rss_mib"] / row["official_max_rss_mib"]
+      rows.append(row)
+      print(f"{losses:<9}{variant:<6} official {row['official_median_ms']:8.1f} ms "
+            f"{row['official_max_rss_mib']:6.0f} MiB | ggr_jax {row['jax_median_ms']:8.1f} ms "
+            f"{row['jax_max_rss_mib']:6.0f} MiB | time x{row['time_ratio']:.2f} "
+            f"memory x{row['memory_ratio']:.2f}", flush=True)
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps({"rows": rows, "threads": args.threads,
                                                    "date": time.strftime("%Y-%m-%d")},
