@@ -191,8 +191,9 @@ def _time_official(root: pathlib.Path, mode: str, steps: int, warmup: int,
 
 def _time_jax(variant: str, steps: int, warmup: int, losses: str = "fixmatch") -> dict:
   import jax  # pylint: disable=import-outside-toplevel
-  from ggr_jax import allocator, bench  # pylint: disable=import-outside-toplevel
+  from ggr_jax import allocator, bench, xla_flags  # pylint: disable=import-outside-toplevel
   allocator.retain_freed_memory()
+  xla_flags.use_eigen_convolutions()
   work = bench.Workload("wrn28_2", (32, 32, 3), LABELED, UNLABELED // LABELED,
                         num_classes=CLASSES)
   figures = bench.time_step(losses, work, bench.VARIANTS[VARIANTS[variant]], steps, warmup)

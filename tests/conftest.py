@@ -27,10 +27,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
-# As ggr-jax does at start-up: freed XLA buffers stay in the process (ggr_jax.allocator).
+# As ggr-jax does at start-up: freed XLA buffers stay in the process (ggr_jax.allocator),
+# and XLA's CPU convolutions are Eigen's (ggr_jax.xla_flags).
 from ggr_jax.allocator import retain_freed_memory  # pylint: disable=wrong-import-position
+from ggr_jax.xla_flags import use_eigen_convolutions  # pylint: disable=wrong-import-position
 
 retain_freed_memory()
+use_eigen_convolutions()
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -107,3 +107,43 @@ def test_the_allocator_setting_takes_on_glibc_and_can_be_declined(monkeypatch):
   except (OSError, AttributeError):
     pytest.skip("not glibc")
   assert allocator.retain_freed_memory() is True
+
+
+def test_the_suite_compiles_convolutions_to_eigen_not_ynnpack():
+  import jax  # pylint: disable=import-outside-toplevel
+  from ggr_jax import xla_flags  # pylint: disable=import-outside-toplevel
+  if not xla_flags.xla_knows_flag(xla_flags.YNN_FUSION_FLAG):
+    pytest.skip("this XLA has no YNN fusions")
+  conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  hlo = conv.lower(jax.numpy.ones((2, 8, 8, 4)), jax.numpy.ones((3, 3, 4, 4))).compile()
+  assert "__ynn_fusion" not in hlo.as_text()
+
+
+def test_the_convolution_setting_yields_to_the_users_flags(monkeypatch):
+  from ggr_jax import xla_flags  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(xla_flags, "backend_started", lambda: False)
+  monkeypatch.setattr(xla_flags, "xla_knows_flag", lambda name: True)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  assert xla_flags.use_eigen_convolutions() is True
+  assert os.environ["XLA_FLAGS"].split() == [
+      "--xla_force_host_platform_device_count=2", xla_flags.EIGEN_CONVOLUTIONS]
+  assert xla_flags.use_eigen_convolutions() is True  # idempotent
+  assert os.environ["XLA_FLAGS"].count(xla_flags.YNN_FUSION_FLAG) == 1
+  for chosen in (f"--{xla_flags.YNN_FUSION_FLAG}=individual_dot", ""):
+    monkeypatch.setenv("XLA_FLAGS", chosen)
+    monkeypatch.setenv(xla_flags.OPT_OUT, "" if chosen else "default")
+    assert xla_flags.use_eigen_convolutions() is False
+    assert os.environ["XLA_FLAGS"] == chosen
+  monkeypatch.delenv(xla_flags.OPT_OUT)
+  monkeypatch.setattr(xla_flags, "xla_knows_flag", lambda name: False)
+  assert xla_flags.use_eigen_convolutions() is False and os.environ["XLA_FLAGS"] == ""
+  monkeypatch.setattr(xla_flags, "xla_knows_flag", lambda name: True)
+  monkeypatch.setattr(xla_flags, "backend_started", lambda: True)
+  assert xla_flags.use_eigen_convolutions() is False and os.environ["XLA_FLAGS"] == ""
+
+
+def test_the_installed_xla_knows_its_own_flags_and_not_made_up_ones():
+  from ggr_jax import xla_flags  # pylint: disable=import-outside-toplevel
+  assert xla_flags.xla_knows_flag("xla_force_host_platform_device_count")
+  assert not xla_flags.xla_knows_flag("xla_cpu_no_such_flag_in_any_version")
