@@ -37,6 +37,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ggr_jax import allocator
 from ggr_jax.configs import default
 from ggr_jax.data.stream import HostStream
 from ggr_jax.ssl import ggcr
@@ -164,6 +165,7 @@ def time_step(algorithm: str, work: Workload, variant: dict[str, Any], steps: in
   batch = feed.next(0)
   start = time.perf_counter()
   xla = compiled_figures(step.lower(state, batch).compile())
+  allocator.return_freed_memory()  # as the trainer does after its compile
   state, _ = step(state, batch)
   jax.block_until_ready(state)
   compile_s = time.perf_counter() - start

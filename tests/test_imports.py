@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import ggr_jax
@@ -147,3 +148,23 @@ def test_the_installed_xla_knows_its_own_flags_and_not_made_up_ones():
   from ggr_jax import xla_flags  # pylint: disable=import-outside-toplevel
   assert xla_flags.xla_knows_flag("xla_force_host_platform_device_count")
   assert not xla_flags.xla_knows_flag("xla_cpu_no_such_flag_in_any_version")
+
+
+def test_returning_freed_memory_shrinks_the_resident_set_the_thresholds_keep():
+  import ctypes  # pylint: disable=import-outside-toplevel
+  from ggr_jax import allocator  # pylint: disable=import-outside-toplevel
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim
+  except (OSError, AttributeError):
+    pytest.skip("not glibc")
+
+  def resident_mib() -> float:
+    with open("/proc/self/status", encoding="ascii") as status:
+      return next(int(l.split()[1]) for l in status if l.startswith("VmRSS")) / 1024
+
+  assert allocator.retain_freed_memory() is True  # 256 MiB now come from the heap
+  block = np.ones(256 << 18, np.float32)  # touched, so resident
+  del block
+  kept = resident_mib()
+  allocator.return_freed_memory()
+  assert resident_mib() < kept - 200

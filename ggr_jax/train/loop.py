@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ggr_jax import evaluate, rundir
+from ggr_jax import allocator, evaluate, rundir
 from ggr_jax.data import gcd_sources, imagenet30, imagenet_subset, openset, tfds_sources
 from ggr_jax.data.digits import digits_closed_split, digits_gcd_split, digits_split
 from ggr_jax.data.openset import OpenSetSplit
@@ -335,7 +335,11 @@ class Trainer:
       with _stop_on_signals() as received:
         while step < total:
           state = self.program.epoch_boundary(state, step, self.split.x_unlabeled, feed)
-          state, metrics = self.program.train_step(state, feed.next(step))
+          batch = feed.next(step)
+          if step == start:  # compile first, then hand the compiler's freed heap back
+            self.program.train_step.lower(state, batch).compile()
+            allocator.return_freed_memory()
+          state, metrics = self.program.train_step(state, batch)
           pending.append(metrics)
           guard.add(step, metrics["monitors/finite"])
           step += 1
