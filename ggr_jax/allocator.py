@@ -11,13 +11,14 @@ library: 175 faults per step, the step 1.2-1.4x faster (``experiments/README.md`
 resident memory stays at the run's peak instead of shrinking between steps.
 
 ``ggr-jax`` applies it at start-up (``GGR_JAX_MALLOC=system`` opts out); a user's own
-training loop can call it once before the first step.
+training loop can call it once before the first step. It acts only on glibc (Linux);
+elsewhere it does nothing and returns False.
 
 Compiling a step leaves the heap holding the compiler's freed memory, which these
-thresholds keep; the step's own buffers then come on top of it. :func:`return_freed_memory`
-hands it back once, after the compile and before the first step runs: the peak resident
-memory of the WRN-28-2 vlr step went from 2,578 to 2,065 MiB (``experiments/README.md``). It acts only on glibc (Linux);
-elsewhere it does nothing and returns False.
+thresholds keep; the step's own buffers then come on top of it.
+:func:`return_freed_memory` hands it back once, after the compile and before the first
+step runs: the peak resident memory of the WRN-28-2 vlr step went from 2,578 to 2,065
+MiB (``experiments/README.md``).
 
   >>> import platform
   >>> retain_freed_memory() == (platform.libc_ver()[0] == "glibc")

@@ -14,11 +14,11 @@ XLA reads ``XLA_FLAGS`` once, when JAX creates its first backend, so this must r
 before anything touches a device. ``ggr-jax`` calls it first thing; a user's own
 training loop can call it before its first JAX computation. It does nothing when
 ``XLA_FLAGS`` already chooses the YNN fusion types, when ``GGR_JAX_XLA_CPU=default``,
-or when the installed XLA does not know the flag (older jaxlibs never used YNNPACK
-for convolutions), since XLA aborts the process on a flag it does not know.
+or when the installed XLA does not know the flag (it has no YNN fusions to turn off),
+since XLA aborts the process on a flag it does not know.
 
   >>> import os
-  >>> use_eigen_convolutions() == ("-individual_convolution" in os.environ["XLA_FLAGS"])
+  >>> use_eigen_convolutions() == (EIGEN_CONVOLUTIONS in os.environ.get("XLA_FLAGS", ""))
   True
 """
 
