@@ -12,7 +12,8 @@ Compilation is timed apart; then ``warmup`` steps, then ``steps`` steps each tim
 ``block_until_ready`` (median and 10/90th percentiles). The step function must not
 recompile inside the loop: its jit cache size is checked and reported. Peak device
 memory comes from ``Device.memory_stats()`` where the backend exposes it (GPU/TPU; CPU
-reports none). On every backend the compiled step's own accounting is reported beside
+reports none); that peak is the process's high-water mark, so with ``isolate`` (the
+default on such backends) each cell runs in a fresh process of its own. On every backend the compiled step's own accounting is reported beside
 it: XLA's flop and bytes-accessed counts (``cost_analysis``) and its buffer plan
 (``memory_analysis``: arguments + outputs + temporaries - donated aliases), an estimate
 of peak memory that a CPU can give for an accelerator-sized step without running it.
@@ -28,7 +29,8 @@ JPEG files, decoded by ``--pipeline-workers`` Grain processes.
 from __future__ import annotations
 
 import dataclasses
-import json
+import multiprocessing
+import os
 import pathlib
 import tempfile
 import time
@@ -37,7 +39,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ggr_jax import allocator
+from ggr_jax import allocator, rundir
 from ggr_jax.configs import default
 from ggr_jax.data.stream import HostStream
 from ggr_jax.ssl import ggcr
@@ -184,6 +186,7 @@ def time_step(algorithm: str, work: Workload, variant: dict[str, Any], steps: in
   return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
           "p90_ms": float(np.percentile(ms, 90)), "compile_s": compile_s,
           "compilations": step._cache_size(),  # pylint: disable=protected-access
+          "pid": os.getpid(),
           "peak_bytes": stats.get("peak_bytes_in_use"), "step_ms": ms.tolist(), **xla}
 
 
@@ -254,32 +257,61 @@ def time_pipeline(algorithm: str, work: Workload, steps: int = 20, warmup: int =
           "mib_per_s": images * np.prod(work.image_shape) * steps / elapsed / 2**20}
 
 
+def _isolated_cell(algorithm: str, work: Workload, variant: dict[str, Any], steps: int,
+                   warmup: int) -> dict[str, Any]:
+  allocator.retain_freed_memory()  # what the entry point does before the first step
+  return time_step(algorithm, work, variant, steps, warmup)
+
+
+def _time_cell(isolate: bool, *args) -> dict[str, Any]:
+  if not isolate:
+    return time_step(*args)
+  with multiprocessing.get_context("spawn").Pool(1) as pool:
+    return pool.apply(_isolated_cell, args)
+
+
 def run(workloads: list[str], algorithms: list[str], variants: list[str], steps: int = 20,
         warmup: int = 3, verbose: bool = True, pipeline: bool = False,
-        pipeline_workers: int = 0) -> dict[str, Any]:
-  """Benchmarks every cell and returns the JSON-ready report."""
+        pipeline_workers: int = 0, isolate: bool | None = None,
+        json_path: str | None = None) -> dict[str, Any]:
+  """Benchmarks every cell and returns the JSON-ready report.
+
+  ``isolate`` runs each step cell in a fresh process, so that its peak device memory is
+  its own (None: where the backend reports device memory, i.e. not on CPU). A cell that
+  fails at run time (e.g. out of device memory) becomes a row with its ``error`` and the
+  next cell runs. With ``json_path`` the report is rewritten after every row, so a run cut
+  short keeps the rows it finished."""
   for name in workloads:
     if name not in WORKLOADS:
       raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
   for name in variants:
     if name not in VARIANTS:
       raise ValueError(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
+  # grow device memory on demand, so that the parent's client leaves the card to the cells
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   device = jax.devices()[0]
+  if isolate is None:
+    isolate = device.platform != "cpu"
   report: dict[str, Any] = {
       "device_kind": device.device_kind, "platform": device.platform,
-      "jax_version": jax.__version__, "steps": steps, "warmup": warmup,
+      "jax_version": jax.__version__, "steps": steps, "warmup": warmup, "isolated": isolate,
       "date": time.strftime("%Y-%m-%d"), "results": []}
   for wname in workloads:
     work = WORKLOADS[wname]
     for algorithm in algorithms:
       base = None
       for vname in variants:
-        figures = time_step(algorithm, work, VARIANTS[vname], steps, warmup)
+        row = {"workload": wname, "algorithm": algorithm, "variant": vname,
+               "workload_config": dataclasses.asdict(work), "variant_config": VARIANTS[vname]}
+        try:
+          figures = _time_cell(isolate, algorithm, work, VARIANTS[vname], steps, warmup)
+        except jax.errors.JaxRuntimeError as err:
+          row["error"] = str(err).splitlines()[0][:500]
+          _add_row(report, row, json_path, verbose)
+          continue
         if vname == "sum" or (vname == "meta_off" and base is None):
           base = figures
-        row = {"workload": wname, "algorithm": algorithm, "variant": vname,
-               "workload_config": dataclasses.asdict(work), "variant_config": VARIANTS[vname],
-               **figures}
+        row.update(figures)
         if base is not None:
           row["ratio_to_sum"] = figures["median_ms"] / base["median_ms"]
           for key, name in (("peak_bytes", "memory_ratio_to_sum"),
@@ -287,9 +319,7 @@ def run(workloads: list[str], algorithms: list[str], variants: list[str], steps:
                             ("xla_planned_bytes", "planned_memory_ratio_to_sum")):
             if base[key] and figures[key]:
               row[name] = figures[key] / base[key]
-        report["results"].append(row)
-        if verbose:
-          print(format_row(row), flush=True)
+        _add_row(report, row, json_path, verbose)
       if pipeline:
         row = {"workload": wname, "algorithm": algorithm, "workload_config": dataclasses.asdict(work),
                **time_pipeline(algorithm, work, steps, warmup, workers=pipeline_workers)}
@@ -297,9 +327,20 @@ def run(workloads: list[str], algorithms: list[str], variants: list[str], steps:
           row["step_images_per_s"] = row["images_per_batch"] / (base["median_ms"] / 1e3)
           row["pipeline_to_step"] = row["images_per_s"] / row["step_images_per_s"]
         report.setdefault("pipeline", []).append(row)
+        if json_path:
+          rundir.write_json(json_path, report)
         if verbose:
           print(format_pipeline_row(row), flush=True)
   return report
+
+
+def _add_row(report: dict[str, Any], row: dict[str, Any], json_path: str | None,
+             verbose: bool) -> None:
+  report["results"].append(row)
+  if json_path:
+    rundir.write_json(json_path, report)
+  if verbose:
+    print(format_row(row), flush=True)
 
 
 def format_pipeline_row(row: dict[str, Any]) -> str:
@@ -311,6 +352,8 @@ def format_pipeline_row(row: dict[str, Any]) -> str:
 
 
 def format_row(row: dict[str, Any]) -> str:
+  if "error" in row:
+    return f"{row['workload']:<14}{row['algorithm']:<10}{row['variant']:<22}failed: {row['error']}"
   mem = f"{row['peak_bytes'] / 2**20:8.0f} MiB" if row.get("peak_bytes") else "       n/a"
   ratio = f"{row['ratio_to_sum']:5.2f}" if "ratio_to_sum" in row else "  -  "
   flops = f"{row['xla_flops'] / 1e9:8.2f} GFLOP" if row.get("xla_flops") else "    n/a GFLOP"
@@ -319,8 +362,3 @@ def format_row(row: dict[str, Any]) -> str:
   return (f"{row['workload']:<14}{row['algorithm']:<10}{row['variant']:<22}"
           f"{row['median_ms']:9.1f} ms [{row['p10_ms']:.1f}, {row['p90_ms']:.1f}]  x{ratio}"
           f"  {mem}  {flops}  {plan}  compiles={row['compilations']}")
-
-
-def write_json(report: dict[str, Any], path: str) -> None:
-  with open(path, "w") as f:
-    json.dump(report, f, indent=1)

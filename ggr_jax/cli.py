@@ -207,16 +207,19 @@ def bench_main(argv: list[str]) -> int:
   parser.add_argument("--steps", type=_positive_int, default=20, help="timed steps per cell")
   parser.add_argument("--warmup", type=_positive_int, default=3)
   parser.add_argument("--json", default=None, help="write the report here")
+  parser.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
+                      help="each cell in a fresh process, so peak device memory is its own "
+                           "(auto: yes where the backend reports device memory)")
   args = parser.parse_args(argv)
   try:
-    report = bench.run(args.workloads.split(","), args.algorithms.split(","),
-                       [v for v in args.variants.split(",") if v], args.steps, args.warmup,
-                       pipeline=args.pipeline, pipeline_workers=args.pipeline_workers)
+    bench.run(args.workloads.split(","), args.algorithms.split(","),
+              [v for v in args.variants.split(",") if v], args.steps, args.warmup,
+              pipeline=args.pipeline, pipeline_workers=args.pipeline_workers,
+              isolate={"auto": None, "yes": True, "no": False}[args.isolate],
+              json_path=args.json)
   except ValueError as err:
     print(f"ggr-jax bench: {err}", file=sys.stderr)
     return 2
-  if args.json:
-    bench.write_json(report, args.json)
   return 0
 
 

@@ -1,10 +1,12 @@
 """The `ggr-jax` command: demo, train and eval, and their input validation."""
 
 import json
+import os
 
+import jax
 import pytest
 
-from ggr_jax import cli, demo
+from ggr_jax import bench, cli, demo
 
 
 def test_demo_split_is_open_set():
@@ -74,6 +76,32 @@ def test_bench_runs_end_to_end_and_writes_valid_json(tmp_path, capsys):
   assert rows["ggcr_fast"]["planned_memory_ratio_to_sum"] > 1.0
   assert "vlr_per_sample_jvp" in capsys.readouterr().out
   assert cli.main(["bench", "--workloads", "huge"]) == 2
+
+
+def test_bench_isolated_cells_run_in_their_own_process(tmp_path):
+  path = tmp_path / "bench.json"
+  report = bench.run(["tiny"], ["fixmatch"], ["sum"], steps=1, warmup=1, verbose=False,
+                     isolate=True, json_path=str(path))
+  row, = report["results"]
+  assert report["isolated"] and row["pid"] != os.getpid() and row["median_ms"] > 0
+  assert json.loads(path.read_text()) == json.loads(json.dumps(report))
+
+
+def test_bench_a_failing_cell_becomes_an_error_row_and_the_next_runs(tmp_path, monkeypatch):
+  real = bench.time_step
+
+  def out_of_memory_for_vlr(algorithm, work, variant, *args):
+    if variant.get("mode") == "vlr":
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 146 GiB")
+    return real(algorithm, work, variant, *args)
+  monkeypatch.setattr(bench, "time_step", out_of_memory_for_vlr)
+  path = tmp_path / "bench.json"
+  bench.run(["tiny"], ["fixmatch"], ["sum", "vlr", "osr_k10"], steps=1, warmup=1,
+            verbose=False, isolate=False, json_path=str(path))
+  rows = {r["variant"]: r for r in json.loads(path.read_text())["results"]}
+  assert rows["vlr"]["error"].startswith("RESOURCE_EXHAUSTED") and "median_ms" not in rows["vlr"]
+  assert rows["osr_k10"]["ratio_to_sum"] > 0
+  assert "failed: RESOURCE_EXHAUSTED" in bench.format_row(rows["vlr"])
 
 
 def test_diagnostics_plot_from_a_run_with_per_sample_metrics(tmp_path, capsys):

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU figures of experiments/README.md ("On an H200"), from the repository root of a
+# machine with a CUDA JAX and torch but without this project's other dependencies:
+#
+#   bash experiments/gpu_tables.sh smoke OUTDIR   # install, versions, one tiny step on the GPU
+#   bash experiments/gpu_tables.sh main OUTDIR    # the WRN-28-2 paper-batch tables
+#
+# Wheels of the missing pure dependencies (grain, ml-collections, tensorflow-datasets, ...)
+# and of ggr_jax itself lie in .whl/ (pip download / pip wheel on a networked machine); a
+# checkout of the official code (github.com/JiaheChen2002/GGR, or the files
+# experiments/vs_official.py reads) lies in .official/. Every stage prints as it goes and
+# has its own time limit, so a stage cut short still leaves its finished rows in OUTDIR.
+set -u
+stage=${1:?smoke or main}
+out=${2:?output folder}
+mkdir -p "$out"; out=$(cd "$out" && pwd)
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+if [ ! -d /tmp/site/ggr_jax ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site
+repo=$(pwd)
+cd /tmp  # so that the installed ggr_jax (with its configs) is imported, not the source folder
+ggr="python3 -m ggr_jax.cli"
+
+if [ "$stage" = smoke ]; then
+  nvidia-smi -L
+  python3 -c "import jax, flax, optax, orbax.checkpoint as o, numpy, torch; \
+print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, \
+'numpy', numpy.__version__, 'torch', torch.__version__, jax.devices())"
+  timeout 100 $ggr bench --workloads tiny --algorithms fixmatch --variants sum,vlr --steps 5 \
+    --warmup 2 --isolate no 2>&1 | tee "$out/smoke.txt"
+  exit
+fi
+
+# 1. ggr_jax's step on the paper batch (64 labeled + 448 weak + 448 strong): the rectifier
+#    variants and GGCR's three geometries, each cell in its own process (peak memory)
+timeout 300 $ggr bench --workloads wrn28_2_paper --algorithms fixmatch \
+  --variants sum,vlr,ggcr_fast,ggcr_vmap,vlr_labeled,vlr_per_sample_jvp,ggcr_sketch_k64 \
+  --steps 10 --warmup 2 --json "$out/bench_wrn28_2_paper.json" 2>&1 | tee "$out/bench.txt"
+# 2. the official PyTorch step beside it, same batch, same GPU
+timeout 170 python3 "$repo/experiments/vs_official.py" --official "$repo/.official" --device cuda \
+  --batch paper --losses fixmatch --variants plain,vlr,osr --rounds 1 --steps 10 --warmup 2 \
+  --json "$out/vs_official_cuda_paper.json" 2>&1 | tee "$out/vs_official.txt"
