@@ -63,6 +63,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ggcr_fast": dict(mode="sum", split_gradients=False, consistency=dict(method="exact")),
     "ggcr_sketch_k64": dict(mode="sum", split_gradients=False,
                             consistency=dict(method="sketch", sketch_dim=64)),
+    # the same sketch, 8 directions per pass (the paper batch's tangents fit a GPU)
+    "ggcr_sketch_k64_chunk8": dict(mode="sum", split_gradients=False,
+                                   consistency=dict(method="sketch", sketch_dim=64,
+                                                    sketch_chunk=8)),
     # MetaSemi (algorithm metasemi): the plain consistency step (the eval-mode predictions
     # as targets: no meta pass), then the meta pass by JVP and by the official central
     # difference; the ratio is to meta_off when it is listed first

@@ -143,7 +143,8 @@ def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
                   scope: PyTree | Callable[[PyTree], PyTree] | None = None,
                   view_rows: tuple[jax.Array, jax.Array] | None = None,
                   microbatch: int | None = None, key: jax.Array | None = None,
-                  sketch_dim: int = 64, sample_fn: SampleFn | None = None,
+                  sketch_dim: int = 64, sketch_chunk: int | None = None,
+                  sample_fn: SampleFn | None = None,
                   samples: PyTree = None, has_aux: bool = False
                   ) -> ViewGeometry | tuple[ViewGeometry, Any]:
   """:class:`ViewGeometry` of the two views' per-sample gradients over ``scope``.
@@ -163,6 +164,8 @@ def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
       vmapped step (must divide their number).
     key: ``"sketch"`` only: the PRNG key of the random directions.
     sketch_dim: ``"sketch"`` only: the number ``k`` of random directions.
+    sketch_chunk: ``"sketch"`` only: directions per pass of the linearised forward
+      (None: all ``k`` at once; fewer hold fewer tangent activations, same result).
     sample_fn: ``"vmap"`` only: ``(params, sample) -> (loss_w, loss_s)``, the two scalar
       losses of ONE sample, normalised as in the batch forward (e.g. under
       :func:`replayed_batch_statistics`); with it the per-sample gradients are
@@ -211,7 +214,7 @@ def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
         if sample_fn is not None else _by_rows(lambda p: frozen(p)[0], params, mask, microbatch)
     aux = frozen(params)[1] if has_aux else None
   elif method == "sketch":
-    geometry, aux = _by_sketch(frozen, params, mask, key, sketch_dim)
+    geometry, aux = _by_sketch(frozen, params, mask, key, sketch_dim, sketch_chunk)
   else:
     *sums, aux = layer_geometry.view_geometry_from_layers(frozen, params, mask, view_rows)
     geometry = ViewGeometry(*sums)
@@ -265,14 +268,15 @@ def _by_samples(sample_fn: SampleFn, params: PyTree, mask: PyTree, samples: PyTr
 
 
 def _by_sketch(losses_fn: Callable, params: PyTree, mask: PyTree, key: jax.Array,
-               k: int) -> tuple[ViewGeometry, Any]:
+               k: int, chunk: int | None) -> tuple[ViewGeometry, Any]:
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
   directions = treedef.unflatten([
       jax.random.normal(kk, (k, *p.shape), jnp.promote_types(p.dtype, jnp.float32))
       / jnp.sqrt(k) * m for kk, p, m in zip(keys, leaves, jax.tree.leaves(mask))])
   stacked = lambda p: (lambda out: (jnp.concatenate(out[0]), out[1]))(losses_fn(p))
-  sketches, aux = per_sample.sample_dots(stacked, params, directions, has_aux=True)  # (2B, k)
+  sketches, aux = per_sample.sample_dots(stacked, params, directions, has_aux=True,
+                                         chunk=chunk)  # (2B, k)
   s_w, s_s = jnp.split(sketches, 2)
   return ViewGeometry(dot=jnp.sum(s_w * s_s, 1), sq_w=jnp.sum(s_w * s_w, 1),
                       sq_s=jnp.sum(s_s * s_s, 1)), aux

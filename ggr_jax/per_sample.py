@@ -66,12 +66,17 @@ def rows_from_pullback(pullback: Callable[[jax.Array], PyTree], batch: int, dtyp
 
 
 def sample_dots(loss_vector_fn: LossVectorFn, params: PyTree, directions: PyTree,
-                has_aux: bool = False) -> jax.Array | tuple[jax.Array, Any]:
+                has_aux: bool = False, chunk: int | None = None
+                ) -> jax.Array | tuple[jax.Array, Any]:
   """``<g_i, v_j>`` for every sample ``i`` and direction ``j``, shape ``(B, m)``, by JVP.
 
   ``directions`` is params-shaped with a leading axis ``m`` on every leaf (a basis);
   zero entries outside a scope restrict the inner products to the scope. With
   ``has_aux``, ``loss_vector_fn`` returns ``(losses, aux)`` and so does this.
+  ``chunk`` pushes that many directions at a time through the linearised function (a
+  ``lax.map``, each chunk rematerialised under differentiation), so that the tangent
+  activations held at once are ``chunk`` (not ``m``) copies of the forward's; the
+  result is the same.
 
   Example:
     >>> import jax.numpy as jnp
@@ -83,7 +88,10 @@ def sample_dots(loss_vector_fn: LossVectorFn, params: PyTree, directions: PyTree
   _, jvp_fn, *aux = jax.linearize(loss_vector_fn, params, has_aux=has_aux)
   tangents = jax.tree.map(lambda d, p: d.astype(p.dtype), directions,
                           jax.tree.map(lambda p: p[None], params))
-  dots = jax.vmap(jvp_fn)(tangents).T
+  if chunk and chunk < jax.tree.leaves(tangents)[0].shape[0]:
+    dots = jax.lax.map(jax.checkpoint(jvp_fn), tangents, batch_size=chunk).T
+  else:
+    dots = jax.vmap(jvp_fn)(tangents).T
   return (dots, aux[0]) if has_aux else dots
 
 

@@ -145,6 +145,29 @@ def test_sketch_error_shrinks_like_one_over_root_k(name, dims, keys):
   assert errors[dims[-1]] <= errors[dims[0]]
 
 
+@pytest.mark.parametrize("chunk", [4, 5])  # 5: a last chunk of 2 of the 12 directions
+def test_sketch_in_chunks_is_the_same_sketch_and_the_same_gradient(chunk):
+  losses, params, _ = _problem("cnn", jnp.float32)
+  key = jax.random.PRNGKey(3)
+
+  def objective(p, sketch_chunk):
+    geometry = consistency.view_geometry(losses, p, scope=encoder_scope, method="sketch",
+                                         key=key, sketch_dim=12, sketch_chunk=sketch_chunk)
+    return jnp.sum(1.0 - geometry.cos), geometry
+
+  (value, whole), grad = jax.jit(jax.value_and_grad(
+      lambda p: objective(p, None), has_aux=True))(params)
+  (value_c, chunked), grad_c = jax.jit(jax.value_and_grad(
+      lambda p: objective(p, chunk), has_aux=True))(params)
+  for a, b in zip(whole, chunked):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(value_c, value, rtol=1e-6)
+  flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+  np.testing.assert_allclose(flat(grad_c), flat(grad), rtol=1e-4,
+                             atol=1e-5 * np.abs(flat(grad)).max())
+  assert np.abs(flat(grad)).max() > 0
+
+
 def test_frozen_statistics_change_no_value_and_decouple_rows():
   model = build_model("cnn", 6, "none")
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)), train=False)

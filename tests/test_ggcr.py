@@ -81,6 +81,7 @@ def test_the_confident_mask_drops_unconfident_samples(split):
 @pytest.mark.parametrize("field, value, message", [
     ("weight", -0.1, "ggcr.consistency.weight"),
     ("sketch_dim", 0, "ggcr.consistency.sketch_dim"),
+    ("sketch_chunk", -1, "ggcr.consistency.sketch_chunk"),
     ("microbatch", -1, "ggcr.consistency.microbatch"),
     ("mask", "some", "ggcr.consistency.mask"),
     ("method", "fast", "ggcr.consistency.method"),

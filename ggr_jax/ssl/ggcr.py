@@ -45,7 +45,7 @@ def consistency_config() -> ml_collections.ConfigDict:
   """The ``consistency`` sub-block: the paper's values (lambda 0.1, 1,000 warm-up steps)."""
   return ml_collections.ConfigDict(dict(
       weight=0.1, warmup_steps=1000, tau=0.95, mask="confident", method="exact",
-      scope="encoder", sketch_dim=64, microbatch=0, role="auxiliary"))
+      scope="encoder", sketch_dim=64, sketch_chunk=0, microbatch=0, role="auxiliary"))
 
 
 def encoder_scope(params: Any) -> Any:
@@ -133,7 +133,8 @@ def gradient_consistency(ctx: LossContext, pair: ViewPair, cfg: ml_collections.C
   geometry, probs = consistency.view_geometry(
       pl.losses_fn, ctx.params, method=cfg.method, scope=scope_of(cfg, ctx.params),
       view_rows=pl.rows, microbatch=cfg.microbatch or None, key=key,
-      sketch_dim=cfg.sketch_dim, sample_fn=pl.sample_fn, samples=pl.samples, has_aux=True)
+      sketch_dim=cfg.sketch_dim, sketch_chunk=cfg.sketch_chunk or None,
+      sample_fn=pl.sample_fn, samples=pl.samples, has_aux=True)
   gc = geometry.cos
   confident = jnp.max(probs, axis=-1) > cfg.tau
   weight = confident.astype(gc.dtype) if cfg.mask == "confident" else jnp.ones_like(gc)
@@ -215,7 +216,7 @@ def with_gradient_consistency(base: Algorithm, name: str,
       fail("consistency.weight", ccfg.weight, "must be >= 0 (lambda of L_g)")
     if not 0.0 <= ccfg.tau <= 1.0:
       fail("consistency.tau", ccfg.tau, "must be a number in [0, 1]")
-    for field in ("sketch_dim", "microbatch", "warmup_steps"):
+    for field in ("sketch_dim", "sketch_chunk", "microbatch", "warmup_steps"):
       value = ccfg[field]
       low = 1 if field == "sketch_dim" else 0
       if not isinstance(value, int) or isinstance(value, bool) or value < low:
