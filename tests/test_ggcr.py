@@ -84,6 +84,7 @@ def test_the_confident_mask_drops_unconfident_samples(split):
     ("sketch_chunk", -1, "ggcr.consistency.sketch_chunk"),
     ("microbatch", -1, "ggcr.consistency.microbatch"),
     ("mask", "some", "ggcr.consistency.mask"),
+    ("penalty", "l1", "ggcr.consistency.penalty"),
     ("method", "fast", "ggcr.consistency.method"),
     ("scope", "head", "ggcr.consistency.scope"),
 ])
@@ -110,6 +111,21 @@ def test_a_model_without_an_encoder_is_refused_before_compiling(split):
   with pytest.raises(ValueError, match="consistency.scope = 'encoder' selects no parameter"):
     jax.eval_shape(lambda: algo.losses(LossContext(fake_apply, params, {}, batch, None, 0,
                                                    ctx_cfg)))
+
+
+def test_the_gradient_norm_penalty_is_half_the_views_squared_norms(split):
+  """The ablation's penalty from the same per-sample geometry: exact and vmap agree, it
+  is linear in lambda, and it is not the cosine term."""
+  norm = {m: _losses("ggcr", split, method=m, penalty="grad_norm") for m in ("exact", "vmap")}
+  term = float(norm["exact"].auxiliary["gc"])
+  np.testing.assert_allclose(float(norm["vmap"].auxiliary["gc"]), term, rtol=1e-4)
+  doubled = _losses("ggcr", split, penalty="grad_norm", weight=0.2)
+  np.testing.assert_allclose(float(doubled.auxiliary["gc"]), 2 * term, rtol=1e-5)
+  cosine = _losses("ggcr", split)
+  assert term > 0 and abs(term - float(cosine.auxiliary["gc"])) > 1e-3 * term
+  # GC is logged as before: the same per-sample geometry
+  np.testing.assert_allclose(float(norm["exact"].metrics["ggcr/gc_mean"]),
+                             float(cosine.metrics["ggcr/gc_mean"]), rtol=1e-5)
 
 
 def test_every_method_gives_the_same_consistency_through_the_algorithm(split):

@@ -91,6 +91,7 @@ def test_every_paper_cell_is_a_valid_config_with_its_own_values():
     ("dataset=cifar10,algorithm=fixmatch", "fixmatch.hard_label", False),
     ("algorithm=ggcr,gc_method=sketch,gc_sketch=16", "ggcr.consistency.sketch_dim", 16),
     ("algorithm=ggcr,gc_weight=0.5", "ggcr.consistency.weight", 0.5),
+    ("algorithm=ggcr,gc_penalty=grad_norm", "ggcr.consistency.penalty", "grad_norm"),
     ("algorithm=ggcr,gc_warmup=0", "ggcr.consistency.warmup_steps", 0),
     ("algorithm=ggcr", "ggcr.consistency.method", "exact"),
     ("dataset=cifar10,algorithm=openmatch_ggcr", "ggr.start_step", 10240),

@@ -8,7 +8,12 @@ classifier), and ``GC(u) = cos(g_w(u), g_s(u))``. The regulariser is
     L_g = (1 / |B_u|) * sum_u m_u * (1 - GC(u)),
 
 with ``m_u = [max p(weak) > tau]`` (``mask="confident"``, the default: an unconfident
-pseudo-label is noise) or ``m_u = 1`` (``"all"``), still divided by the batch size. Its
+pseudo-label is noise) or ``m_u = 1`` (``"all"``), still divided by the batch size.
+``penalty="grad_norm"`` replaces ``1 - GC(u)`` by ``(||g_w(u)||^2 + ||g_s(u)||^2) / 2``,
+the paper's ablation "a gradient-norm penalty instead" (decision: the paper does not
+define it; this one penalises the same per-sample gradients' size rather than their
+directions, at no extra cost, and its scale, unlike the cosine's, depends on the model,
+so ``lambda`` does not carry over). Its
 gradient includes the second-order term through the per-sample gradients (``jax.grad``
 through :func:`ggr_jax.consistency.view_geometry`), without which it would contribute
 nothing. Per-sample gradients hold the BatchNorm batch statistics of the pair's forward
@@ -37,6 +42,7 @@ from ggr_jax.ssl import fixmatch, iomatch, openmatch
 from ggr_jax.ssl.interface import Algorithm, LossContext, Losses, ViewPair
 
 MASKS = ("confident", "all")
+PENALTIES = ("cosine", "grad_norm")
 ROLES = ("auxiliary", "supervised")
 SCOPES = ("encoder", "backbone", "all")
 
@@ -44,7 +50,8 @@ SCOPES = ("encoder", "backbone", "all")
 def consistency_config() -> ml_collections.ConfigDict:
   """The ``consistency`` sub-block: the paper's values (lambda 0.1, 1,000 warm-up steps)."""
   return ml_collections.ConfigDict(dict(
-      weight=0.1, warmup_steps=1000, tau=0.95, mask="confident", method="exact",
+      weight=0.1, warmup_steps=1000, tau=0.95, mask="confident", penalty="cosine",
+      method="exact",
       scope="encoder", sketch_dim=64, sketch_chunk=0, microbatch=0, role="auxiliary"))
 
 
@@ -127,7 +134,8 @@ def scope_of(cfg: ml_collections.ConfigDict, params: Any):
 
 def gradient_consistency(ctx: LossContext, pair: ViewPair, cfg: ml_collections.ConfigDict
                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(terms, GC, confident)``, each ``(B,)``: ``terms = m_u (1 - GC(u)) / |B_u|``."""
+  """``(terms, GC, confident)``, each ``(B,)``: ``terms = m_u (1 - GC(u)) / |B_u|`` (or
+  ``m_u (||g_w(u)||^2 + ||g_s(u)||^2) / (2 |B_u|)`` with ``penalty="grad_norm"``)."""
   pl = pair_losses(ctx, pair, one_sample=cfg.method == "vmap")
   key = jax.random.fold_in(ctx.rng, 17) if ctx.rng is not None else jax.random.PRNGKey(0)
   geometry, probs = consistency.view_geometry(
@@ -138,7 +146,8 @@ def gradient_consistency(ctx: LossContext, pair: ViewPair, cfg: ml_collections.C
   gc = geometry.cos
   confident = jnp.max(probs, axis=-1) > cfg.tau
   weight = confident.astype(gc.dtype) if cfg.mask == "confident" else jnp.ones_like(gc)
-  return weight * (1.0 - gc) / gc.shape[0], gc, confident
+  per_sample = (1.0 - gc) if cfg.penalty == "cosine" else (geometry.sq_w + geometry.sq_s) / 2
+  return weight * per_sample / gc.shape[0], gc, confident
 
 
 def diagnostics(gc: jax.Array, confident: jax.Array, is_id: jax.Array | None) -> dict:
@@ -208,7 +217,8 @@ def with_gradient_consistency(base: Algorithm, name: str,
     if base.validate is not None:
       base.validate(cfg, fail)
     ccfg = cfg.consistency
-    for field, allowed in (("mask", MASKS), ("role", ROLES), ("scope", SCOPES),
+    for field, allowed in (("mask", MASKS), ("penalty", PENALTIES), ("role", ROLES),
+                           ("scope", SCOPES),
                            ("method", consistency.METHODS)):
       if ccfg[field] not in allowed:
         fail(f"consistency.{field}", ccfg[field], f"choose one of {', '.join(allowed)}")
