@@ -16,6 +16,8 @@ unchanged.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +33,7 @@ from ggr_jax.models.heads import OpenSetNet
 from ggr_jax.ssl import common, metasemi
 from ggr_jax.train import optim
 from ggr_jax.train.state import make_apply_fn
-from tests.conftest import parity_checker, parity_reference
+from tests.conftest import parity_checker, parity_reference, with_optimized_code
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +95,13 @@ class Case:
             for name, v in convert.flax_to_semimeta(tree, collection).items()}
 
 
+def _compiled(fn):
+  """``fn`` as one program at full code-generation effort: XLA's CPU backend runs float64
+  convolutions as generated loops, not Eigen's kernels, and those loops are 4-5x slower
+  at the suite's cheap code generation (ConvLarge's meta pass: 90 s against 20 s)."""
+  return with_optimized_code(jax.jit(fn))
+
+
 def _check(checker, ref, cand, patterns):
   ok, rows = checker.check(ref, cand, keys=patterns, required=patterns)
   assert ok, "\n" + checker.format_rows(rows, only_fail=True)
@@ -113,10 +122,11 @@ def test_finite_difference_meta_pass_reproduces_the_official_one(golden):
   for case in cases:
     c = Case(ref, case)
     lr = optim.learning_rate(c.cfg)(c.step)
-    labeled = meta_labels.labeled_gradient(c.apply_fn, c.params, c.stats, c.x_l, c.y_l)
-    out = meta_labels.meta_pseudo_labels(
-        c.apply_fn, c.params, c.stats, c.x_l, c.y_l, c.x_u, lr, method="finite_difference",
-        epsilon=c.cfg.metasemi.epsilon)
+    labeled = _compiled(functools.partial(meta_labels.labeled_gradient, c.apply_fn))(
+        c.params, c.stats, c.x_l, c.y_l)
+    out = _compiled(functools.partial(
+        meta_labels.meta_pseudo_labels, c.apply_fn, method="finite_difference",
+        epsilon=c.cfg.metasemi.epsilon))(c.params, c.stats, c.x_l, c.y_l, c.x_u, lr)
     relu = jax.nn.relu(out.yhat_pre_relu)
     cand = c.keyed({
         "meta/logits_l": labeled.logits, "meta/loss_l": labeled.loss,
@@ -136,9 +146,8 @@ def test_jvp_meta_pass_reproduces_the_exact_directional_derivative(golden):
   checker, ref, cases = golden
   for case in cases:
     c = Case(ref, case)
-    out = meta_labels.meta_pseudo_labels(
-        c.apply_fn, c.params, c.stats, c.x_l, c.y_l, c.x_u, optim.learning_rate(c.cfg)(c.step),
-        method="jvp")
+    out = _compiled(functools.partial(meta_labels.meta_pseudo_labels, c.apply_fn, method="jvp"))(
+        c.params, c.stats, c.x_l, c.y_l, c.x_u, optim.learning_rate(c.cfg)(c.step))
     cand = c.keyed({"jvp/Jg": out.delta / 2, "jvp/delta": out.delta, "jvp/yhat": out.yhat,
                     "meta/p": out.p})
     _check(checker, ref, cand, [f"{case}/jvp/Jg", f"{case}/jvp/delta", f"{case}/jvp/yhat",
@@ -174,9 +183,12 @@ def test_training_step_with_official_pseudo_labels_reproduces_the_official_step(
       with nn.intercept_methods(_injected_masks(masks)):
         return metasemi.train_terms(c.apply_fn, params, c.stats, c.x_l, c.y_l, c.x_u, yhat, lam)
 
-    out = terms(c.params)
-    g_sup = jax.grad(lambda p: terms(p).cls)(c.params)
-    g_aux = jax.grad(lambda p: weight * jnp.sum(terms(p).cons_terms))(c.params)
+    @_compiled
+    def terms_and_gradients(params):
+      return (terms(params), jax.grad(lambda p: terms(p).cls)(params),
+              jax.grad(lambda p: weight * jnp.sum(terms(p).cons_terms))(params))
+
+    out, g_sup, g_aux = terms_and_gradients(c.params)
     total = optax.tree.add(g_sup, g_aux)
 
     cfg = c.cfg
