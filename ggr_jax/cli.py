@@ -18,7 +18,7 @@ import pathlib
 import sys
 from typing import Any, Sequence
 
-from ggr_jax import allocator, xla_flags
+from ggr_jax import allocator, compile_cache, xla_flags
 
 
 def _positive_int(text: str) -> int:
@@ -252,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if argv and argv[0] in ("-h", "--help") else 2
   allocator.retain_freed_memory()  # before the first step's buffers (see the module)
   xla_flags.use_eigen_convolutions()  # before JAX starts its backend (see the module)
+  compile_cache.use_compilation_cache()  # before the first compile (see the module)
   try:
     return COMMANDS[argv[0]](argv[1:])
   except KeyboardInterrupt:  # before a trainer installs its handlers (imports, set-up)

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -168,3 +169,34 @@ def test_returning_freed_memory_shrinks_the_resident_set_the_thresholds_keep():
   kept = resident_mib()
   allocator.return_freed_memory()
   assert resident_mib() < kept - 200
+
+
+def test_the_compilation_cache_goes_to_the_user_cache_unless_one_is_chosen(tmp_path,
+                                                                             monkeypatch):
+  from ggr_jax import compile_cache  # pylint: disable=import-outside-toplevel
+  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  monkeypatch.delenv(compile_cache.SETTING, raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  try:
+    jax.config.update("jax_compilation_cache_dir", "/somewhere/the/user/chose")
+    assert compile_cache.use_compilation_cache() is None  # a cache set in jax.config stays
+    assert jax.config.jax_compilation_cache_dir == "/somewhere/the/user/chose"
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
+    assert compile_cache.use_compilation_cache() is None  # so does one in the environment
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    folder = tmp_path / "ggr_jax" / "xla"
+    assert compile_cache.use_compilation_cache() == folder and folder.is_dir()
+    assert jax.config.jax_compilation_cache_dir == str(folder)
+    assert jax.config.jax_compilation_cache_max_size == compile_cache.MAX_BYTES
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv(compile_cache.SETTING, str(tmp_path / "mine"))
+    assert compile_cache.use_compilation_cache() == tmp_path / "mine"
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv(compile_cache.SETTING, "off")
+    assert compile_cache.use_compilation_cache() is None
+    assert jax.config.jax_compilation_cache_dir is None
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_compilation_cache_max_size", before[1])
