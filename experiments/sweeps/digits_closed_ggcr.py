@@ -7,7 +7,8 @@ Variants: supervised; FixMatch; GGCR (fast exact); GGCR (sketch, k = 64); FixMat
 GGR (vlr); GGCR + GGR (vlr). FixMatch is GGCR's base (the ``grid``'s closed-set cells:
 hard pseudo-labels and the same ramp of the unlabeled weight), so GGCR minus FixMatch
 is the effect of ``L_g``. ``ggcr_grad_norm`` is the paper's ablation with a
-gradient-norm penalty in place of the cosine (``gc_penalty=grad_norm``). A last row, ``fixmatch_gc_monitor`` (GGCR with lambda 0),
+gradient-norm penalty in place of the cosine (``gc_penalty=grad_norm``; at lambda 0.1
+and 0.01, since its scale is not the cosine's). A last row, ``fixmatch_gc_monitor`` (GGCR with lambda 0),
 trains exactly as FixMatch and logs the gradient consistency it never optimises, the
 control for GGCR's logged ``GC``.
 
@@ -36,6 +37,8 @@ VARIANTS = [  # (name, grid cell)
     ("ggcr_exact_vlr", "algorithm=ggcr,ggr=vlr,gc_method=exact"),
     # the paper's ablation: a gradient-norm penalty in place of the cosine (added 2026-12-04)
     ("ggcr_grad_norm", "algorithm=ggcr,ggr=sum,gc_method=exact,gc_penalty=grad_norm"),
+    ("ggcr_grad_norm_l0.01", "algorithm=ggcr,ggr=sum,gc_method=exact,gc_penalty=grad_norm,"
+                             "gc_weight=0.01"),
     # a control: FixMatch's training (lambda 0) with the cosines measured and logged
     ("fixmatch_gc_monitor", "algorithm=ggcr,ggr=sum,gc_method=exact,gc_weight=0"),
 ]
