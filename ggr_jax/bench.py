@@ -13,8 +13,8 @@ Compilation is timed apart; then ``warmup`` steps, then ``steps`` steps each tim
 recompile inside the loop: its jit cache size is checked and reported. Peak device
 memory comes from ``Device.memory_stats()`` where the backend exposes it (GPU/TPU; CPU
 reports none); that peak is the process's high-water mark, so with ``isolate`` (the
-default on such backends) each cell runs in a fresh process of its own. On every backend the compiled step's own accounting is reported beside
-it: XLA's flop and bytes-accessed counts (``cost_analysis``) and its buffer plan
+default on such backends) each cell runs in a fresh process of its own. On every
+backend the compiled step's own accounting is reported beside it: XLA's flop and bytes-accessed counts (``cost_analysis``) and its buffer plan
 (``memory_analysis``: arguments + outputs + temporaries - donated aliases), an estimate
 of peak memory that a CPU can give for an accelerator-sized step without running it.
 
@@ -28,6 +28,7 @@ JPEG files, decoded by ``--pipeline-workers`` Grain processes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import multiprocessing
 import os
@@ -261,17 +262,28 @@ def time_pipeline(algorithm: str, work: Workload, steps: int = 20, warmup: int =
           "mib_per_s": images * np.prod(work.image_shape) * steps / elapsed / 2**20}
 
 
-def _isolated_cell(algorithm: str, work: Workload, variant: dict[str, Any], steps: int,
-                   warmup: int) -> dict[str, Any]:
+def _figures_or_error(*args) -> dict[str, Any]:
+  """:func:`time_step`'s figures, or ``{"error": ...}`` when XLA fails at run time."""
+  try:
+    return time_step(*args)
+  except jax.errors.JaxRuntimeError as err:
+    return {"error": str(err).splitlines()[0][:500]}
+
+
+def _isolated_cell(*args) -> dict[str, Any]:
   allocator.retain_freed_memory()  # what the entry point does before the first step
-  return time_step(algorithm, work, variant, steps, warmup)
+  return _figures_or_error(*args)
 
 
 def _time_cell(isolate: bool, *args) -> dict[str, Any]:
   if not isolate:
-    return time_step(*args)
-  with multiprocessing.get_context("spawn").Pool(1) as pool:
-    return pool.apply(_isolated_cell, args)
+    return _figures_or_error(*args)
+  spawn = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+    try:
+      return pool.submit(_isolated_cell, *args).result()
+    except concurrent.futures.process.BrokenProcessPool:
+      return {"error": "the cell's process died (killed, e.g. for memory)"}
 
 
 def run(workloads: list[str], algorithms: list[str], variants: list[str], steps: int = 20,
@@ -291,8 +303,8 @@ def run(workloads: list[str], algorithms: list[str], variants: list[str], steps:
   for name in variants:
     if name not in VARIANTS:
       raise ValueError(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
-  # grow device memory on demand, so that the parent's client leaves the card to the cells
-  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  if isolate is not False:  # device memory on demand: the parent leaves the card to the cells
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   device = jax.devices()[0]
   if isolate is None:
     isolate = device.platform != "cpu"
@@ -307,11 +319,9 @@ def run(workloads: list[str], algorithms: list[str], variants: list[str], steps:
       for vname in variants:
         row = {"workload": wname, "algorithm": algorithm, "variant": vname,
                "workload_config": dataclasses.asdict(work), "variant_config": VARIANTS[vname]}
-        try:
-          figures = _time_cell(isolate, algorithm, work, VARIANTS[vname], steps, warmup)
-        except jax.errors.JaxRuntimeError as err:
-          row["error"] = str(err).splitlines()[0][:500]
-          _add_row(report, row, json_path, verbose)
+        figures = _time_cell(isolate, algorithm, work, VARIANTS[vname], steps, warmup)
+        if "error" in figures:
+          _add_row(report, {**row, **figures}, json_path, verbose)
           continue
         if vname == "sum" or (vname == "meta_off" and base is None):
           base = figures
