@@ -4,6 +4,8 @@
 #
 #   bash experiments/gpu_tables.sh smoke OUTDIR   # install, versions, one tiny step on the GPU
 #   bash experiments/gpu_tables.sh main OUTDIR    # the WRN-28-2 paper-batch tables
+#   bash experiments/gpu_tables.sh ggcr OUTDIR    # GGCR's kernel-gradient routes, the
+#                                                 # second backward's cost, csr vs official
 #
 # Wheels of the missing pure dependencies (grain, ml-collections, tensorflow-datasets, ...)
 # and of ggr_jax itself lie in .whl/ (pip download / pip wheel on a networked machine); a
@@ -11,7 +13,7 @@
 # experiments/vs_official.py reads) lies in .official/. Every stage prints as it goes and
 # has its own time limit, so a stage cut short still leaves its finished rows in OUTDIR.
 set -u
-stage=${1:?smoke or main}
+stage=${1:?smoke, main or ggcr}
 out=${2:?output folder}
 mkdir -p "$out"; out=$(cd "$out" && pwd)
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -31,6 +33,22 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
 'numpy', numpy.__version__, 'torch', torch.__version__, jax.devices())"
   timeout 100 $ggr bench --workloads tiny --algorithms fixmatch --variants sum,vlr --steps 5 \
     --warmup 2 --isolate no 2>&1 | tee "$out/smoke.txt"
+  exit
+fi
+
+if [ "$stage" = ggcr ]; then
+  # 1. sum_split (both gradients, no projection) against sum (one backward): what the
+  #    second backward costs; GGCR's fast exact step with each kernel-gradient route and
+  #    the chunked sketch (about 50 s per cell, compile included)
+  timeout 300 $ggr bench --workloads wrn28_2_paper --algorithms fixmatch \
+    --variants sum,sum_split,ggcr_fast_conv,ggcr_fast_patches,ggcr_sketch_k64_chunk8 \
+    --steps 10 --warmup 2 --json "$out/bench_wrn28_2_paper_ggcr.json" 2>&1 \
+    | grep -v cuda_timer | tee "$out/bench_ggcr.txt"
+  # 2. csr k=10 beside the official step (left out of the main stage)
+  timeout 120 python3 "$repo/experiments/vs_official.py" --official "$repo/.official" \
+    --device cuda --batch paper --losses fixmatch --variants csr --rounds 1 --steps 10 \
+    --warmup 2 --json "$out/vs_official_cuda_paper_csr.json" 2>&1 | grep -v cuda_timer \
+    | tee "$out/vs_official_csr.txt"
   exit
 fi
 

@@ -62,6 +62,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # per-sample geometry of each method; the ratio is to the algorithm's plain step
     "ggcr_vmap": dict(mode="sum", split_gradients=False, consistency=dict(method="vmap")),
     "ggcr_fast": dict(mode="sum", split_gradients=False, consistency=dict(method="exact")),
+    # the fast exact method keeping the convolutions' patches for the backward
+    "ggcr_fast_keep_patches": dict(mode="sum", split_gradients=False,
+                                   consistency=dict(method="exact", remat=False)),
     "ggcr_sketch_k64": dict(mode="sum", split_gradients=False,
                             consistency=dict(method="sketch", sketch_dim=64)),
     # the same sketch, 8 directions per pass (the paper batch's tangents fit a GPU)

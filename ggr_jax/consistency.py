@@ -141,9 +141,10 @@ def replayed_batch_statistics(stats: dict[tuple, Any]):
 
 def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
                   scope: PyTree | Callable[[PyTree], PyTree] | None = None,
-                  view_rows: tuple[jax.Array, jax.Array] | None = None,
+                  view_rows: tuple[jax.Array | slice, jax.Array | slice] | None = None,
                   microbatch: int | None = None, key: jax.Array | None = None,
                   sketch_dim: int = 64, sketch_chunk: int | None = None,
+                  remat: bool = True,
                   sample_fn: SampleFn | None = None,
                   samples: PyTree = None, has_aux: bool = False
                   ) -> ViewGeometry | tuple[ViewGeometry, Any]:
@@ -157,15 +158,19 @@ def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
     scope: ``None`` (every parameter), a params-shaped tree of bools, or
       ``params -> bools``.
     view_rows: ``"exact"`` only: the rows of the weak and the strong view of each
-      sample in the layers' batch (``(B,)`` int arrays; default: the batch is
-      ``[weak views; strong views]``). Other rows (e.g. labeled images sharing the
-      forward) are ignored.
+      sample in the layers' batch (``(B,)`` int arrays, or static slices, which are
+      cheaper to differentiate; default: the batch is ``[weak views; strong
+      views]``). Other rows (e.g. labeled images sharing the forward) are ignored.
     microbatch: ``"vmap"`` only: samples (with ``sample_fn``) or rows (without) per
       vmapped step (must divide their number).
     key: ``"sketch"`` only: the PRNG key of the random directions.
     sketch_dim: ``"sketch"`` only: the number ``k`` of random directions.
     sketch_chunk: ``"sketch"`` only: directions per pass of the linearised forward
       (None: all ``k`` at once; fewer hold fewer tangent activations, same result).
+    remat: ``"exact"`` only: rebuild each convolution's patches (``kh * kw`` times its
+      input, for the views' rows) in the backward rather than keep them for it; on
+      WRN-28-2 at the paper batch on an H200, 34% less memory for 13% more time
+      (experiments/README.md). Same numbers either way.
     sample_fn: ``"vmap"`` only: ``(params, sample) -> (loss_w, loss_s)``, the two scalar
       losses of ONE sample, normalised as in the batch forward (e.g. under
       :func:`replayed_batch_statistics`); with it the per-sample gradients are
@@ -216,7 +221,8 @@ def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
   elif method == "sketch":
     geometry, aux = _by_sketch(frozen, params, mask, key, sketch_dim, sketch_chunk)
   else:
-    *sums, aux = layer_geometry.view_geometry_from_layers(frozen, params, mask, view_rows)
+    *sums, aux = layer_geometry.view_geometry_from_layers(
+        frozen, params, mask, view_rows, remat)
     geometry = ViewGeometry(*sums)
   return (geometry, aux) if has_aux else geometry
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 PyTree = Any
+Rows = jax.Array | slice  # a view's rows in the batch: indices, or a static slice
 
 
 def _path(context) -> tuple[str, ...]:
@@ -158,18 +159,28 @@ def _kernel_triple(a_w, a_s, d_w, d_s):
   return _triple(jnp.einsum("npk,npo->nko", a_w, d_w), jnp.einsum("npk,npo->nko", a_s, d_s))
 
 
+def _kernel_part(layer: dict, x: jax.Array, d: jax.Array, rows_w: Rows, rows_s: Rows,
+                 remat: bool):
+  """The kernel's triple; a convolution's patches (``kh * kw`` times its input) are
+  rebuilt in the backward rather than kept for it when ``remat``."""
+  if layer["kind"] == "dense":
+    return _kernel_triple(_positions(x[rows_w]), _positions(x[rows_s]), d[rows_w], d[rows_s])
+  module = layer["module"]
+  # the views' rows before the patches: the patches of other rows are never formed
+  by_patches = lambda x_w, x_s, d_w, d_s: _kernel_triple(
+      _conv_patches(module, x_w), _conv_patches(module, x_s), d_w, d_s)
+  return (jax.checkpoint(by_patches) if remat else by_patches)(
+      x[rows_w], x[rows_s], d[rows_w], d[rows_s])
+
+
 def _layer_triple(layer: dict, arrays: dict, cot: jax.Array, scoped: dict[str, bool],
-                  rows_w: jax.Array, rows_s: jax.Array) -> list:
+                  rows_w: Rows, rows_s: Rows, remat: bool) -> list:
   """The layer's contribution to ``(dot, sq_w, sq_s)`` (its scoped leaves only)."""
   dtype = jnp.promote_types(cot.dtype, jnp.float32)
   d = _positions(cot.astype(dtype))
   parts = []
   if layer["kind"] in ("dense", "conv") and scoped["kernel"]:
-    x = arrays["input"].astype(dtype)
-    # the views' rows before the patches: the patches of other rows are never formed
-    inputs = (lambda v: _conv_patches(layer["module"], v)) if layer["kind"] == "conv" \
-        else _positions
-    parts.append(_kernel_triple(inputs(x[rows_w]), inputs(x[rows_s]), d[rows_w], d[rows_s]))
+    parts.append(_kernel_part(layer, arrays["input"].astype(dtype), d, rows_w, rows_s, remat))
   if scoped["bias"]:
     b = jnp.sum(d, axis=1)
     parts.append(_triple(b[rows_w], b[rows_s]))
@@ -185,10 +196,11 @@ def _scoped_leaves(mask: PyTree) -> dict[tuple[str, ...], bool]:
 
 
 def view_geometry_from_layers(losses_fn: Callable, params: PyTree, mask: PyTree,
-                              view_rows: tuple[jax.Array, jax.Array] | None
+                              view_rows: tuple[Rows, Rows] | None, remat: bool = True
                               ) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
   """``(dot, sq_w, sq_s, aux)`` per sample, exactly (see the module docstring), for
-  ``losses_fn(params) -> ((loss_w, loss_s), aux)``."""
+  ``losses_fn(params) -> ((loss_w, loss_s), aux)``; ``remat``: rebuild convolutions'
+  patches in the backward (less memory, more time) rather than keep them."""
   layers: dict = {}
   jax.eval_shape(lambda p: _record(losses_fn, p, None, layers, {}), params)
   perturb = {path: jnp.zeros(e["out"].shape, e["out"].dtype) for path, e in layers.items()}
@@ -200,7 +212,7 @@ def view_geometry_from_layers(losses_fn: Callable, params: PyTree, mask: PyTree,
 
   cotangents, (arrays, batch, aux) = jax.grad(total, argnums=1, has_aux=True)(params, perturb)
   rows_w, rows_s = view_rows if view_rows is not None else (
-      jnp.arange(batch), batch + jnp.arange(batch))
+      slice(0, batch), slice(batch, 2 * batch))
 
   scoped = _scoped_leaves(mask)
   covered = set()
@@ -209,7 +221,7 @@ def view_geometry_from_layers(losses_fn: Callable, params: PyTree, mask: PyTree,
     leaves = {name: scoped.get((*path, name), False) for name in ("kernel", "bias", "scale")}
     covered |= {(*path, name) for name, on in leaves.items() if on}
     for n, value in enumerate(_layer_triple(layer, arrays.get(path, {}), cotangents[path],
-                                            leaves, rows_w, rows_s)):
+                                            leaves, rows_w, rows_s, remat)):
       sums[n] = sums[n] + value
   missing = sorted("/".join(p) for p, on in scoped.items() if on and p not in covered)
   if missing:

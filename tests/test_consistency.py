@@ -129,6 +129,28 @@ def test_second_order_gradients_agree_between_exact_and_vmap(dtype):
   assert np.abs(flat(ref)).max() > 0  # the regulariser has a gradient only through 2nd order
 
 
+@pytest.mark.parametrize("dtype", ["float64"], indirect=True)
+def test_rematerialised_patches_and_rows_by_slice_change_no_value_or_gradient(dtype):
+  losses, params, rows = _problem("cnn", dtype)
+  slices = tuple(slice(int(r[0]), int(r[-1]) + 1) for r in rows)
+
+  def value_and_grad(**kw):
+    def objective(p):
+      return jnp.mean(1.0 - consistency.view_geometry(losses, p, scope=encoder_scope,
+                                                      **kw).cos)
+    return jax.jit(jax.value_and_grad(objective))(params)
+
+  flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
+  ref_value, ref_grad = value_and_grad(view_rows=rows, remat=False)
+  for kw in (dict(view_rows=rows, remat=True), dict(view_rows=slices, remat=False),
+             dict(view_rows=slices)):
+    value, grad = value_and_grad(**kw)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+    np.testing.assert_allclose(flat(grad), flat(ref_grad), rtol=1e-9,
+                               atol=1e-9 * np.abs(flat(ref_grad)).max())
+  assert np.abs(flat(ref_grad)).max() > 0
+
+
 @pytest.mark.parametrize("name, dims, keys", [("cnn", (16, 64, 256), 4)])
 def test_sketch_error_shrinks_like_one_over_root_k(name, dims, keys):
   losses, params, _ = _problem(name, jnp.float32)

@@ -52,7 +52,8 @@ def consistency_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       weight=0.1, warmup_steps=1000, tau=0.95, mask="confident", penalty="cosine",
       method="exact",
-      scope="encoder", sketch_dim=64, sketch_chunk=0, microbatch=0, role="auxiliary"))
+      scope="encoder", sketch_dim=64, sketch_chunk=0, remat=True, microbatch=0,
+      role="auxiliary"))
 
 
 def encoder_scope(params: Any) -> Any:
@@ -76,7 +77,7 @@ class PairLosses(NamedTuple):
   """What :func:`pair_losses` gives :func:`ggr_jax.consistency.view_geometry`."""
 
   losses_fn: Callable  # params -> ((CE(weak, yhat), CE(strong, yhat)), probs), (B,) each
-  rows: tuple[jax.Array, jax.Array]  # the two views' rows in that forward
+  rows: tuple[slice, slice]  # the two views' rows in that forward
   sample_fn: Callable | None  # (params, (x_w, x_s, yhat)) -> the two losses of one sample
   samples: tuple[jax.Array, jax.Array, jax.Array] | None  # (x_w, x_s, yhat), one per row
 
@@ -95,8 +96,9 @@ def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False) -> P
   parts = [batch[name] for name in pair.forward]
   starts = [sum(p.shape[0] for p in parts[:i]) for i in range(len(parts))]
   size = batch[pair.weak].shape[0]
-  rows_w = starts[pair.forward.index(pair.weak)] + jnp.arange(size)
-  rows_s = starts[pair.forward.index(pair.strong)] + jnp.arange(size)
+  # static slices: their transposes are pads, where index arrays' would be scatters
+  start_w, start_s = (starts[pair.forward.index(name)] for name in (pair.weak, pair.strong))
+  rows_w, rows_s = slice(start_w, start_w + size), slice(start_s, start_s + size)
   x = jnp.concatenate(parts)
   ce = optax.softmax_cross_entropy_with_integer_labels
 
@@ -142,6 +144,7 @@ def gradient_consistency(ctx: LossContext, pair: ViewPair, cfg: ml_collections.C
       pl.losses_fn, ctx.params, method=cfg.method, scope=scope_of(cfg, ctx.params),
       view_rows=pl.rows, microbatch=cfg.microbatch or None, key=key,
       sketch_dim=cfg.sketch_dim, sketch_chunk=cfg.sketch_chunk or None,
+      remat=cfg.remat,
       sample_fn=pl.sample_fn, samples=pl.samples, has_aux=True)
   gc = geometry.cos
   confident = jnp.max(probs, axis=-1) > cfg.tau
@@ -218,8 +221,7 @@ def with_gradient_consistency(base: Algorithm, name: str,
       base.validate(cfg, fail)
     ccfg = cfg.consistency
     for field, allowed in (("mask", MASKS), ("penalty", PENALTIES), ("role", ROLES),
-                           ("scope", SCOPES),
-                           ("method", consistency.METHODS)):
+                           ("scope", SCOPES), ("method", consistency.METHODS)):
       if ccfg[field] not in allowed:
         fail(f"consistency.{field}", ccfg[field], f"choose one of {', '.join(allowed)}")
     if not ccfg.weight >= 0:
