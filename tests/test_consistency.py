@@ -13,6 +13,7 @@ from ggr_jax import consistency
 from ggr_jax.models import build_model
 from ggr_jax.ssl.ggcr import encoder_scope
 from ggr_jax.train.state import make_apply_fn
+from tests.conftest import float64_convolutions_by_matmul
 
 # (backbone, image side, channels, labeled rows, pairs)
 MODELS = {"cnn": ("cnn", 8, 1, 2, 4), "wrn28_2": ("wrn28_2", 32, 3, 1, 2)}
@@ -64,7 +65,8 @@ def _one_sample_problem(name, dtype):
 def dtype(request):
   if request.param == "float64":
     jax.config.update("jax_enable_x64", True)
-    yield jnp.float64
+    with float64_convolutions_by_matmul():
+      yield jnp.float64
     jax.config.update("jax_enable_x64", False)
   else:
     yield jnp.float32

@@ -13,13 +13,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import optax
 import pytest
 
 import ggr_jax
 from ggr_jax.models import convert
 from ggr_jax.ssl import LossContext, iomatch
-from tests.conftest import parity_checker, parity_reference, with_optimized_code
+from tests.conftest import float64_convolutions_by_matmul, parity_checker, parity_reference
 
 VARIANTS = {"v95_": (0.95, 0.5), "v0_": (0.0, 0.0)}
 LR, MOMENTUM, WEIGHT_DECAY = 0.03, 0.9, 5e-4
@@ -50,8 +51,9 @@ def _optimizer():
   return rect, tx
 
 
-def _make_step(model, cfg):
-  """The jitted step: forward, both gradients, rectifier, optimizer, diagnostics."""
+def _make_step(model, base_cfg):
+  """The jitted step: forward, both gradients, rectifier, optimizer, diagnostics; the
+  cutoffs are arguments, so that both variants share one (slow, float64) compile."""
   rect, tx = _optimizer()
   scope = ggr_jax.scope_from_prefix("backbone")
 
@@ -60,8 +62,10 @@ def _make_step(model, cfg):
                                mutable=["batch_stats"] if train else False)
     return out, (mutated if train else state)
 
-  def step(params, batch_stats, batch):
+  def step(params, batch_stats, batch, cutoffs):
     state = {"batch_stats": batch_stats}
+    cfg = ml_collections.ConfigDict(base_cfg.to_dict(), type_safe=False)
+    cfg.p_cutoff, cfg.q_cutoff = cutoffs
 
     def loss_fn(p):
       out = iomatch.losses(LossContext(apply_fn, p, state, batch, None, STEP, cfg))
@@ -107,7 +111,7 @@ def _make_step(model, cfg):
                 g_sup=g_sup, g_aux=g_aux, g_final=g_final, new_params=new_params,
                 steps=opt_state[0].count, out=out, targets=targets, rect=rect_info)
 
-  return with_optimized_code(jax.jit(step))  # float64 convolutions: worth optimising
+  return jax.jit(step)
 
 
 def _bn_batch(old: dict[str, np.ndarray], new: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -178,16 +182,17 @@ def candidates(reference):
   old_buffers = {k[len(convert.BUFFER_PREFIX):]: ref[k].astype(np.float64)
                  for k in arrays if k.startswith(convert.BUFFER_PREFIX)}
   out = {}
-  with jax.enable_x64(True):
+  with jax.enable_x64(True), float64_convolutions_by_matmul():
     variables = convert.official_to_flax(arrays, dtype=np.float64)
     model = convert.default_model(int(ref["param/backbone.fc.weight"].shape[0]))
     nhwc = lambda a: jnp.asarray(np.asarray(a).transpose(0, 2, 3, 1), jnp.float64)
     batch = {"x_lb": nhwc(ref["x_lb"]), "y_lb": jnp.asarray(ref["y_lb"]),
              "x_ulb_w": nhwc(ref["x_ulb_w"]), "x_ulb_s": nhwc(ref["x_ulb_s"])}
+    step = _make_step(model, iomatch.default_config())
     for variant, cutoffs in VARIANTS.items():
-      cfg = _variant_cfg(*cutoffs)
-      res = _make_step(model, cfg)(variables["params"], variables["batch_stats"], batch)
-      out[variant] = _candidate(res, variant, cfg, old_buffers)
+      res = step(variables["params"], variables["batch_stats"], batch,
+                 jnp.asarray(cutoffs, jnp.float64))
+      out[variant] = _candidate(res, variant, _variant_cfg(*cutoffs), old_buffers)
   return out
 
 

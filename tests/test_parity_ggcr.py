@@ -131,19 +131,18 @@ def test_ggcr_reproduces_the_golden_values(golden, method):
       leaf = rows_tree["backbone"][name]
       cand[f"ps/{view}/{name}.weight"] = np.asarray(leaf["kernel"][part])
       cand[f"ps/{view}/{name}.bias"] = np.asarray(leaf["bias"][part])
+  def value_and_grad(variant, weight, part, loss_key, grad_key):
+    fn = jax.jit(jax.value_and_grad(_total_fn(ref, variant, weight, method, part)))
+    cand[loss_key], grad = fn(params)
+    cand.update(_torch_named(grad, grad_key))
+
   for variant in ("all", "mask"):
-    cand[f"loss/Lg_{variant}"] = _total_fn(ref, variant, 1.0, method, "Lg")(params)
-    cand.update(_torch_named(jax.grad(_total_fn(ref, variant, 1.0, method, "Lg"))(params),
-                             f"grad/Lg_{variant}"))
+    value_and_grad(variant, 1.0, "Lg", f"loss/Lg_{variant}", f"grad/Lg_{variant}")
     for lam in np.asarray(ref["cfg/lambdas"]):
       key = f"{variant}/lam{float(lam)}"
-      total = _total_fn(ref, variant, float(lam), method)
-      cand[f"loss/total/{key}"] = total(params)
-      cand.update(_torch_named(jax.grad(total)(params), f"grad/total/{key}"))
+      value_and_grad(variant, float(lam), "total", f"loss/total/{key}", f"grad/total/{key}")
   for part in ("Ls", "Lu"):
-    cand[f"loss/{part}"] = _total_fn(ref, "mask", 1.0, method, part)(params)
-    cand.update(_torch_named(jax.grad(_total_fn(ref, "mask", 1.0, method, part))(params),
-                             f"grad/{part}"))
+    value_and_grad("mask", 1.0, part, f"loss/{part}", f"grad/{part}")
   cand = checker.from_jax_layout({k: np.asarray(v) for k, v in cand.items()})
   required = ["fwd/q_w", "fwd/maxprob", "yhat", "mask", "ps/*", "loss/*", "grad/Ls/*",
               "grad/Lu/*", "grad/Lg_*", "grad/total/*"]
@@ -156,7 +155,7 @@ def test_the_second_order_term_is_in_the_gradient(golden):
   # alone; the golden ``first_order`` gradient must be far from the total one.
   checker, ref = golden
   params = _params(ref)
-  total = jax.grad(_total_fn(ref, "all", 1.0, "exact"))(params)
+  total = jax.jit(jax.grad(_total_fn(ref, "all", 1.0, "exact")))(params)
   cand = checker.from_jax_layout(_torch_named(total, "grad/first_order"))
   ok, _ = checker.check(ref, cand, keys=["grad/first_order/*"])
   assert not ok

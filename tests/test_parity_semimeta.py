@@ -33,7 +33,7 @@ from ggr_jax.models.heads import OpenSetNet
 from ggr_jax.ssl import common, metasemi
 from ggr_jax.train import optim
 from ggr_jax.train.state import make_apply_fn
-from tests.conftest import parity_checker, parity_reference, with_optimized_code
+from tests.conftest import float64_convolutions_by_matmul, parity_checker, parity_reference
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +96,15 @@ class Case:
 
 
 def _compiled(fn):
-  """``fn`` as one program at full code-generation effort: XLA's CPU backend runs float64
-  convolutions as generated loops, not Eigen's kernels, and those loops are 4-5x slower
-  at the suite's cheap code generation (ConvLarge's meta pass: 90 s against 20 s)."""
-  return with_optimized_code(jax.jit(fn))
+  """``fn`` as one program, its float64 convolutions as matmuls (XLA's CPU backend has
+  no float64 convolution kernel; :func:`tests.conftest.float64_convolutions_by_matmul`)."""
+  jitted = jax.jit(fn)
+
+  def call(*args):
+    with float64_convolutions_by_matmul():
+      return jitted(*args)
+
+  return call
 
 
 def _check(checker, ref, cand, patterns):
