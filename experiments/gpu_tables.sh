@@ -4,7 +4,7 @@
 #
 #   bash experiments/gpu_tables.sh smoke OUTDIR   # install, versions, one tiny step on the GPU
 #   bash experiments/gpu_tables.sh main OUTDIR    # the WRN-28-2 paper-batch tables
-#   bash experiments/gpu_tables.sh ggcr OUTDIR    # GGCR's kernel-gradient routes, the
+#   bash experiments/gpu_tables.sh ggcr OUTDIR    # GGCR with patches rebuilt or kept, the
 #                                                 # second backward's cost, csr vs official
 #
 # Wheels of the missing pure dependencies (grain, ml-collections, tensorflow-datasets, ...)
@@ -38,10 +38,10 @@ fi
 
 if [ "$stage" = ggcr ]; then
   # 1. sum_split (both gradients, no projection) against sum (one backward): what the
-  #    second backward costs; GGCR's fast exact step with each kernel-gradient route and
-  #    the chunked sketch (about 50 s per cell, compile included)
+  #    second backward costs; GGCR's fast exact step with its patches rebuilt (the
+  #    default) and kept, and the chunked sketch (about 50 s per cell, compile included)
   timeout 300 $ggr bench --workloads wrn28_2_paper --algorithms fixmatch \
-    --variants sum,sum_split,ggcr_fast_conv,ggcr_fast_patches,ggcr_sketch_k64_chunk8 \
+    --variants sum,sum_split,ggcr_fast,ggcr_fast_keep_patches,ggcr_sketch_k64_chunk8 \
     --steps 10 --warmup 2 --json "$out/bench_wrn28_2_paper_ggcr.json" 2>&1 \
     | grep -v cuda_timer | tee "$out/bench_ggcr.txt"
   # 2. csr k=10 beside the official step (left out of the main stage)

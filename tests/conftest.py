@@ -64,10 +64,11 @@ _LAX_CONV = jax.lax.conv_general_dilated
 
 def _conv_by_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                     dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-                    precision=None, preferred_element_type=None):
+                    precision=None, preferred_element_type=None, **kwargs):
   """A float64 NHWC/HWIO 2-D convolution as shifted windows and one matmul (see
   :func:`float64_convolutions_by_matmul`); anything else goes to XLA's convolution."""
   plain = (lhs.dtype == jnp.float64 and lhs.ndim == 4 and feature_group_count == 1
+           and not any(v is not None for v in kwargs.values())
            and batch_group_count == 1 and all(d == 1 for d in (lhs_dilation or (1, 1)))
            and preferred_element_type in (None, jnp.float64)
            and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
@@ -75,7 +76,7 @@ def _conv_by_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_di
   if not plain:
     return _LAX_CONV(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                      dimension_numbers, feature_group_count, batch_group_count, precision,
-                     preferred_element_type)
+                     preferred_element_type, **kwargs)
   (kh, kw, cin, cout), strides = rhs.shape, tuple(window_strides)
   dilation = tuple(rhs_dilation or (1, 1))
   window = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
