@@ -64,7 +64,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ggcr_fast": dict(mode="sum", split_gradients=False, consistency=dict(method="exact")),
     # the fast exact method keeping the convolutions' patches for the backward
     "ggcr_fast_keep_patches": dict(mode="sum", split_gradients=False,
-                                   consistency=dict(method="exact", remat=False)),
+                                   consistency=dict(method="exact", remat="off")),
     "ggcr_sketch_k64": dict(mode="sum", split_gradients=False,
                             consistency=dict(method="sketch", sketch_dim=64)),
     # the same sketch, 8 directions per pass (the paper batch's tangents fit a GPU)

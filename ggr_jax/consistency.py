@@ -144,7 +144,7 @@ def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
                   view_rows: tuple[jax.Array | slice, jax.Array | slice] | None = None,
                   microbatch: int | None = None, key: jax.Array | None = None,
                   sketch_dim: int = 64, sketch_chunk: int | None = None,
-                  remat: bool = True,
+                  remat: bool | None = None,
                   sample_fn: SampleFn | None = None,
                   samples: PyTree = None, has_aux: bool = False
                   ) -> ViewGeometry | tuple[ViewGeometry, Any]:
@@ -168,8 +168,9 @@ def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
     sketch_chunk: ``"sketch"`` only: directions per pass of the linearised forward
       (None: all ``k`` at once; fewer hold fewer tangent activations, same result).
     remat: ``"exact"`` only: rebuild each convolution's patches (``kh * kw`` times its
-      input, for the views' rows) in the backward rather than keep them for it; on
-      WRN-28-2 at the paper batch on an H200, 34% less memory for 13% more time
+      input, for the views' rows) in the backward rather than keep them for it (None:
+      everywhere but on the CPU). WRN-28-2 at the paper batch on an H200: 29% less
+      memory for 15% more time; on the CPU it saves nothing and costs about 7%
       (experiments/README.md). Same numbers either way.
     sample_fn: ``"vmap"`` only: ``(params, sample) -> (loss_w, loss_s)``, the two scalar
       losses of ONE sample, normalised as in the batch forward (e.g. under
@@ -222,7 +223,8 @@ def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
     geometry, aux = _by_sketch(frozen, params, mask, key, sketch_dim, sketch_chunk)
   else:
     *sums, aux = layer_geometry.view_geometry_from_layers(
-        frozen, params, mask, view_rows, remat)
+        frozen, params, mask, view_rows,
+        jax.default_backend() != "cpu" if remat is None else remat)
     geometry = ViewGeometry(*sums)
   return (geometry, aux) if has_aux else geometry
 

@@ -86,6 +86,7 @@ def test_the_confident_mask_drops_unconfident_samples(split):
     ("mask", "some", "ggcr.consistency.mask"),
     ("penalty", "l1", "ggcr.consistency.penalty"),
     ("method", "fast", "ggcr.consistency.method"),
+    ("remat", "yes", "ggcr.consistency.remat"),
     ("scope", "head", "ggcr.consistency.scope"),
 ])
 def test_bad_settings_name_the_field(field, value, message):

@@ -44,6 +44,8 @@ from ggr_jax.ssl.interface import Algorithm, LossContext, Losses, ViewPair
 MASKS = ("confident", "all")
 PENALTIES = ("cosine", "grad_norm")
 ROLES = ("auxiliary", "supervised")
+# consistency.remat -> view_geometry(remat=): "auto" rebuilds patches except on the CPU
+REMAT = {"auto": None, "on": True, "off": False}
 SCOPES = ("encoder", "backbone", "all")
 
 
@@ -52,7 +54,7 @@ def consistency_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       weight=0.1, warmup_steps=1000, tau=0.95, mask="confident", penalty="cosine",
       method="exact",
-      scope="encoder", sketch_dim=64, sketch_chunk=0, remat=True, microbatch=0,
+      scope="encoder", sketch_dim=64, sketch_chunk=0, remat="auto", microbatch=0,
       role="auxiliary"))
 
 
@@ -144,7 +146,7 @@ def gradient_consistency(ctx: LossContext, pair: ViewPair, cfg: ml_collections.C
       pl.losses_fn, ctx.params, method=cfg.method, scope=scope_of(cfg, ctx.params),
       view_rows=pl.rows, microbatch=cfg.microbatch or None, key=key,
       sketch_dim=cfg.sketch_dim, sketch_chunk=cfg.sketch_chunk or None,
-      remat=cfg.remat,
+      remat=REMAT[cfg.remat],
       sample_fn=pl.sample_fn, samples=pl.samples, has_aux=True)
   gc = geometry.cos
   confident = jnp.max(probs, axis=-1) > cfg.tau
@@ -221,7 +223,8 @@ def with_gradient_consistency(base: Algorithm, name: str,
       base.validate(cfg, fail)
     ccfg = cfg.consistency
     for field, allowed in (("mask", MASKS), ("penalty", PENALTIES), ("role", ROLES),
-                           ("scope", SCOPES), ("method", consistency.METHODS)):
+                           ("scope", SCOPES), ("method", consistency.METHODS),
+                           ("remat", tuple(REMAT))):
       if ccfg[field] not in allowed:
         fail(f"consistency.{field}", ccfg[field], f"choose one of {', '.join(allowed)}")
     if not ccfg.weight >= 0:
