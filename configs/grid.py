@@ -28,7 +28,8 @@ Keys (all optional; defaults in brackets):
 * ``gc_method`` [exact], ``gc_weight`` [0.1], ``gc_warmup`` [1000]: the GGCR
   algorithms' per-sample method (``exact``, ``sketch``, ``vmap``), lambda and the steps
   before ``L_g`` starts (0: no warm-up); ``gc_sketch`` [64]: ``k`` of ``sketch``;
-  ``gc_penalty`` [cosine]: ``grad_norm`` for the paper's gradient-norm-penalty ablation.
+  ``gc_penalty`` [cosine]: ``grad_norm`` for the paper's gradient-norm-penalty ablation;
+  ``gc_pairs`` [1.0]: the share of the unlabeled pairs whose geometry enters ``L_g``.
 * ``seed`` [0]: the labeled draw and every PRNG key of the run.
 * ``ggr`` [vlr]: ``sum`` (the plain SSL baseline), ``vlr``, ``osr``, ``csr``,
   ``pcgrad_sym``, ``conflict_drop``; ``osr``/``csr`` keep ``k = 10`` directions.
@@ -79,8 +80,8 @@ from ggr_jax.configs import default
 from ggr_jax.ssl import ggcr
 
 KEYS = ("algorithm", "dataset", "labels", "seed", "ggr", "anchor", "scope", "baseline",
-        "gc_method", "gc_weight", "gc_warmup", "gc_sketch", "gc_penalty", "meta", "mixup",
-        "runlocal")
+        "gc_method", "gc_weight", "gc_warmup", "gc_sketch", "gc_penalty", "gc_pairs", "meta",
+        "mixup", "runlocal")
 OPEN_SET = ("digits", "cifar10", "cifar100_50", "cifar100_20", "imagenet30")
 CLOSED_SET = ("digits_closed", "cifar10_closed", "cifar100_closed", "svhn_closed", "imagenet")
 DATASETS = OPEN_SET + CLOSED_SET
@@ -124,6 +125,14 @@ def _integer(cell: dict[str, str], key: str, default_value: int) -> int:
   if not value.isdigit():
     raise ValueError(f"grid {key}={value!r} must be a non-negative integer.")
   return int(value)
+
+
+def _number(cell: dict[str, str], key: str, default_value: float, meaning: str) -> float:
+  value = cell.get(key, str(default_value))
+  try:
+    return float(value)
+  except ValueError:
+    raise ValueError(f"grid {key}={value!r} must be a number ({meaning}).") from None
 
 
 def _boolean(cell: dict[str, str], key: str) -> bool:
@@ -198,8 +207,8 @@ def _algorithm_protocol(cfg: ml_collections.ConfigDict, algorithm: str, dataset:
 
 def _consistency(cfg: ml_collections.ConfigDict, cell: dict[str, str], algorithm: str) -> None:
   """The GGCR keys, refused for algorithms without gradient consistency."""
-  keys = [key for key in ("gc_method", "gc_weight", "gc_warmup", "gc_sketch", "gc_penalty")
-          if key in cell]
+  keys = [key for key in ("gc_method", "gc_weight", "gc_warmup", "gc_sketch", "gc_penalty",
+                          "gc_pairs") if key in cell]
   if "consistency" not in cfg[algorithm]:
     if keys:
       raise ValueError(f"grid {', '.join(keys)} apply to the GGCR algorithms (ggcr, "
@@ -210,11 +219,9 @@ def _consistency(cfg: ml_collections.ConfigDict, cell: dict[str, str], algorithm
   gc.warmup_steps = _integer(cell, "gc_warmup", gc.warmup_steps)
   gc.sketch_dim = _integer(cell, "gc_sketch", gc.sketch_dim)
   gc.penalty = _choice(cell, "gc_penalty", gc.penalty, ggcr.PENALTIES)
-  weight = cell.get("gc_weight", str(gc.weight))
-  try:
-    gc.weight = float(weight)
-  except ValueError:
-    raise ValueError(f"grid gc_weight={weight!r} must be a number (lambda).") from None
+  gc.weight = _number(cell, "gc_weight", gc.weight, "lambda")
+  gc.pair_fraction = _number(cell, "gc_pairs", gc.pair_fraction,
+                             "the share of the unlabeled pairs in L_g")
 
 
 def _metasemi(cfg: ml_collections.ConfigDict, cell: dict[str, str], dataset: str) -> None:

@@ -1,6 +1,6 @@
 """How close the three per-sample methods of GGCR come to each other, printed.
 
-``python experiments/ggcr_sketch_error.py [--x64]``
+``python experiments/ggcr_sketch_error.py [--x64] [--backbones cnn,wrn28_2] [--dims 16,64,256]``
 
 For the digits CNN (real digits: 16 weak/strong pairs and 4 labeled rows, the strong
 view a one-pixel shift plus Gaussian noise of the weak one) and WRN-28-2 (random 32x32
@@ -9,9 +9,13 @@ inputs, 4 pairs and 2 labeled rows), both at initialisation and in train mode
 
 * the largest relative difference of the ``exact`` and ``vmap`` inner products and
   squared norms (the same number by two routes: round-off only);
-* for the sketch with ``k`` in {16, 64, 256} (WRN: 16, 64) over ``KEYS`` random
-  draws: the mean and largest ``|cos_sketch - cos_exact|``, and the scale
-  ``(1 - cos^2) / sqrt(k)`` that the error of a Gaussian sketch's cosine follows.
+* for the sketch with ``k`` in ``--dims`` (default 16, 64, 256; WRN on the CPU: 16,
+  64) over ``KEYS`` random draws: the mean and largest ``|cos_sketch - cos_exact|``,
+  and the scale ``(1 - cos^2) / sqrt(k)`` that the error of a Gaussian sketch's cosine
+  follows. Each ``k`` compiles once (the key is an argument).
+
+On a GPU, run it with ``JAX_DEFAULT_MATMUL_PRECISION=highest``: float32 convolutions
+otherwise run in TF32 there, and ``exact`` and ``vmap`` differ by its round-off.
 """
 
 from __future__ import annotations
@@ -69,6 +73,10 @@ def _report(backbone: str, dtype, n_lb: int, n: int, dims: tuple[int, ...]) -> N
       losses, p, scope=encoder_scope, method=method, **kw))(params)
   exact = geometry("exact", view_rows=rows)
   vmap = geometry("vmap")
+
+  def sketch(k: int):
+    return jax.jit(lambda p, key: consistency.view_geometry(
+        losses, p, scope=encoder_scope, method="sketch", key=key, sketch_dim=k).cos)
   rel = max(float(np.max(np.abs(np.asarray(getattr(exact, f)) - np.asarray(getattr(vmap, f)))
                       / np.maximum(np.abs(np.asarray(getattr(vmap, f))), 1e-30)))
             for f in ("dot", "sq_w", "sq_s"))
@@ -77,8 +85,8 @@ def _report(backbone: str, dtype, n_lb: int, n: int, dims: tuple[int, ...]) -> N
         f"[{cos.min():+.3f}, {cos.max():+.3f}], exact vs vmap max rel diff {rel:.1e}")
   for k in dims:
     t0 = time.perf_counter()
-    errors = np.stack([np.abs(np.asarray(geometry("sketch", key=jax.random.PRNGKey(s),
-                                                  sketch_dim=k).cos) - cos)
+    cos_k = sketch(k)
+    errors = np.stack([np.abs(np.asarray(cos_k(params, jax.random.PRNGKey(s))) - cos)
                        for s in range(KEYS)])
     scale = (1.0 - cos ** 2) / np.sqrt(k)
     print(f"  sketch k={k:>3}: |cos error| mean {errors.mean():.4f} max {errors.max():.4f}; "
@@ -89,12 +97,22 @@ def _report(backbone: str, dtype, n_lb: int, n: int, dims: tuple[int, ...]) -> N
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--x64", action="store_true", help="float64 (default float32)")
+  parser.add_argument("--backbones", default="cnn,wrn28_2", help="comma list of cnn, wrn28_2")
+  parser.add_argument("--dims", default="", help="comma list of k (default: 16,64,256; "
+                      "WRN on the CPU 16,64)")
   args = parser.parse_args()
+  unknown = set(args.backbones.split(",")) - {"cnn", "wrn28_2"}
+  if unknown:
+    parser.error(f"--backbones: unknown {sorted(unknown)}; choose from cnn, wrn28_2")
+  dims = tuple(int(k) for k in args.dims.split(",")) if args.dims else None
+  on_cpu = jax.default_backend() == "cpu"
   if args.x64:
     jax.config.update("jax_enable_x64", True)
   dtype = jnp.float64 if args.x64 else jnp.float32
-  _report("cnn", dtype, 4, 16, (16, 64, 256))
-  _report("wrn28_2", dtype, 2, 4, (16, 64))
+  for backbone in args.backbones.split(","):
+    default = (16, 64) if backbone == "wrn28_2" and on_cpu else (16, 64, 256)
+    n_lb, n = (4, 16) if backbone == "cnn" else (2, 4)
+    _report(backbone, dtype, n_lb, n, dims or default)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
 #   bash experiments/gpu_tables.sh main OUTDIR    # the WRN-28-2 paper-batch tables
 #   bash experiments/gpu_tables.sh ggcr OUTDIR    # GGCR with patches rebuilt or kept, the
 #                                                 # second backward's cost, csr vs official
+#   bash experiments/gpu_tables.sh sketch OUTDIR  # per-sample vlr, the sketch in chunks of
+#                                                 # 4 and 2, digits sketch seeds 3-4
 #
 # Wheels of the missing pure dependencies (grain, ml-collections, tensorflow-datasets, ...)
 # and of ggr_jax itself lie in .whl/ (pip download / pip wheel on a networked machine); a
@@ -13,7 +15,7 @@
 # experiments/vs_official.py reads) lies in .official/. Every stage prints as it goes and
 # has its own time limit, so a stage cut short still leaves its finished rows in OUTDIR.
 set -u
-stage=${1:?smoke, main or ggcr}
+stage=${1:?smoke, main, ggcr or sketch}
 out=${2:?output folder}
 mkdir -p "$out"; out=$(cd "$out" && pwd)
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -49,6 +51,23 @@ if [ "$stage" = ggcr ]; then
     --device cuda --batch paper --losses fixmatch --variants csr --rounds 1 --steps 10 \
     --warmup 2 --json "$out/vs_official_cuda_paper_csr.json" 2>&1 | grep -v cuda_timer \
     | tee "$out/vs_official_csr.txt"
+  exit
+fi
+
+if [ "$stage" = sketch ]; then
+  # 1. per-sample vlr by JVP (the anchor's products shared by the diagnostics and the
+  #    rectifier, 2026-12-04) beside vlr, and GGCR's sketch with 4 and 2 directions a pass
+  timeout 330 $ggr bench --workloads wrn28_2_paper --algorithms fixmatch \
+    --variants sum,vlr,vlr_per_sample_jvp,ggcr_sketch_k64_chunk4,ggcr_sketch_k64_chunk2 \
+    --steps 10 --warmup 2 --json "$out/bench_wrn28_2_paper_sketch.json" 2>&1 \
+    | grep -v cuda_timer | tee "$out/bench_sketch.txt"
+  # 2. the digits GGCR sweep's sketch cells of seeds 3 and 4 (28x the exact method's time
+  #    on the CPU), and the exact cells of the same seeds to show what the device changes
+  timeout 200 $ggr sweep "$repo/experiments/sweeps/digits_closed_ggcr.py" --root /tmp/sweep \
+    --only ggcr_sketch64-s3 --only ggcr_sketch64-s4 --only ggcr_exact-s3 \
+    --only ggcr_exact-s4 2>&1 | grep -v cuda_timer | tail -40 | tee "$out/sweep.txt"
+  (cd /tmp/sweep && find . -maxdepth 2 \( -name 'results.*' -o -name summary.json \
+    -o -name metrics.jsonl -o -name log.txt \) -exec cp --parents {} "$out/" \;)
   exit
 fi
 

@@ -65,12 +65,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the fast exact method keeping the convolutions' patches for the backward
     "ggcr_fast_keep_patches": dict(mode="sum", split_gradients=False,
                                    consistency=dict(method="exact", remat="off")),
+    # the fast exact method on a quarter or an eighth of the pairs (consistency.pair_fraction)
+    "ggcr_fast_quarter": dict(mode="sum", split_gradients=False,
+                              consistency=dict(method="exact", pair_fraction=0.25)),
+    "ggcr_fast_eighth": dict(mode="sum", split_gradients=False,
+                             consistency=dict(method="exact", pair_fraction=0.125)),
     "ggcr_sketch_k64": dict(mode="sum", split_gradients=False,
                             consistency=dict(method="sketch", sketch_dim=64)),
-    # the same sketch, 8 directions per pass (the paper batch's tangents fit a GPU)
-    "ggcr_sketch_k64_chunk8": dict(mode="sum", split_gradients=False,
-                                   consistency=dict(method="sketch", sketch_dim=64,
-                                                    sketch_chunk=8)),
+    # the same sketch, 8, 4 or 2 directions per pass: each pass holds its directions'
+    # tangents of every activation (chunks of 8 ran out of an H200's memory at the paper batch)
+    **{f"ggcr_sketch_k64_chunk{c}": dict(mode="sum", split_gradients=False,
+                                         consistency=dict(method="sketch", sketch_dim=64,
+                                                          sketch_chunk=c))
+       for c in (8, 4, 2)},
     # MetaSemi (algorithm metasemi): the plain consistency step (the eval-mode predictions
     # as targets: no meta pass), then the meta pass by JVP and by the official central
     # difference; the ratio is to meta_off when it is listed first

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ggr_jax import ssl
+from ggr_jax.models import build_model
 from ggr_jax.ssl import LossContext, ggcr
 from ggr_jax.train import config as config_lib
 from ggr_jax.train import loop, step as step_lib
@@ -88,6 +89,8 @@ def test_the_confident_mask_drops_unconfident_samples(split):
     ("method", "fast", "ggcr.consistency.method"),
     ("remat", "yes", "ggcr.consistency.remat"),
     ("scope", "head", "ggcr.consistency.scope"),
+    ("pair_fraction", 0.0, "ggcr.consistency.pair_fraction"),
+    ("pair_fraction", 1.5, "ggcr.consistency.pair_fraction"),
 ])
 def test_bad_settings_name_the_field(field, value, message):
   cfg = _config("ggcr")
@@ -142,3 +145,38 @@ def test_every_method_gives_the_same_consistency_through_the_algorithm(split):
   assert abs(gc["sketch"] - gc["exact"]) < 0.2  # k = 256: errors of order 1/16 per sample
   np.testing.assert_allclose(float(out["exact"].auxiliary["gc"]),
                              float(out["vmap"].auxiliary["gc"]), rtol=1e-4, atol=1e-7)
+
+
+def _ggcr_losses_fn(split, **consistency):
+  """``params -> Losses`` of GGCR on one augmented digits batch, and the initial params."""
+  cfg = _config("ggcr", **consistency)
+  model = build_model("cnn", split.num_classes, ssl.head("ggcr"))
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)), train=False)
+  views = step_lib.make_views(cfg, split.mean, split.std, None)
+  data = {"x_labeled": split.x_labeled, "y_labeled": split.y_labeled.astype(np.int32),
+          "x_unlabeled": split.x_unlabeled, "unlabeled_is_id": split.unlabeled_is_id}
+  batch = views(jax.random.PRNGKey(1), 0, data, jnp.ones(split.x_unlabeled.shape[0], bool))
+  apply_fn, algo_cfg = step_lib.make_apply_fn(model), step_lib.algorithm_config(cfg)
+  fn = lambda p: ssl.get("ggcr").losses(LossContext(
+      apply_fn, p, variables["batch_stats"], batch, jax.random.PRNGKey(2), 0, algo_cfg))
+  return fn, variables["params"], batch["x_ulb_w"].shape[0]
+
+
+@pytest.mark.parametrize("method", ["exact", "vmap"])
+def test_a_pair_fraction_measures_its_pairs_as_the_whole_batch_does(split, method):
+  """The first P pairs, forwarded alone with the joint forward's statistics, give the
+  same per-pair terms and gradients as in the whole batch; L_g is their mean."""
+  full_fn, params, size = _ggcr_losses_fn(split, method=method)
+  part_fn, _, _ = _ggcr_losses_fn(split, method=method, pair_fraction=0.25)
+  pairs = ggcr.pair_count(0.25, size)
+  assert 1 <= pairs < size
+  full_terms = lambda p: full_fn(p).sample_aux[-size:][:pairs] * size / pairs
+  part_terms = lambda p: part_fn(p).sample_aux[-pairs:]
+  np.testing.assert_allclose(part_terms(params), full_terms(params), rtol=1e-5, atol=1e-8)
+  part = part_fn(params)
+  np.testing.assert_allclose(float(part.auxiliary["gc"]), float(jnp.sum(part_terms(params))),
+                             rtol=1e-6)
+  grads = [jax.grad(lambda p, f=f: jnp.sum(f(p)))(params) for f in (part_terms, full_terms)]
+  for a, b in zip(*map(jax.tree.leaves, grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  assert part.sample_is_id.shape == part.sample_aux.shape  # the measured pairs' labels

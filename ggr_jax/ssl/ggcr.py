@@ -9,6 +9,8 @@ classifier), and ``GC(u) = cos(g_w(u), g_s(u))``. The regulariser is
 
 with ``m_u = [max p(weak) > tau]`` (``mask="confident"``, the default: an unconfident
 pseudo-label is noise) or ``m_u = 1`` (``"all"``), still divided by the batch size.
+``pair_fraction < 1`` measures the first ``P`` pairs of the (randomly drawn) batch only and
+divides by ``P``: an unbiased estimate at about that share of the geometry's cost.
 ``penalty="grad_norm"`` replaces ``1 - GC(u)`` by ``(||g_w(u)||^2 + ||g_s(u)||^2) / 2``,
 the paper's ablation "a gradient-norm penalty instead" (decision: the paper does not
 define it; this one penalises the same per-sample gradients' size rather than their
@@ -53,7 +55,7 @@ def consistency_config() -> ml_collections.ConfigDict:
   """The ``consistency`` sub-block: the paper's values (lambda 0.1, 1,000 warm-up steps)."""
   return ml_collections.ConfigDict(dict(
       weight=0.1, warmup_steps=1000, tau=0.95, mask="confident", penalty="cosine",
-      method="exact",
+      method="exact", pair_fraction=1.0,
       scope="encoder", sketch_dim=64, sketch_chunk=0, remat="auto", microbatch=0,
       role="auxiliary"))
 
@@ -84,7 +86,13 @@ class PairLosses(NamedTuple):
   samples: tuple[jax.Array, jax.Array, jax.Array] | None  # (x_w, x_s, yhat), one per row
 
 
-def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False) -> PairLosses:
+def pair_count(fraction: float, size: int) -> int:
+  """How many of ``size`` pairs a ``pair_fraction`` keeps: ``round(fraction * size)``, >= 1."""
+  return max(1, min(size, round(fraction * size)))
+
+
+def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False,
+                pairs: int | None = None) -> PairLosses:
   """The per-sample losses GGCR differentiates, and the pseudo-labels they use.
 
   ``losses_fn`` is one train-mode forward of the views ``pair.forward``; the hard
@@ -92,7 +100,10 @@ def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False) -> P
   which it returns as the auxiliary value, so that no other forward is needed. With
   ``one_sample``, ``sample_fn`` is the forward of one sample's two views alone,
   normalised with the batch statistics of that joint forward (recorded in one more
-  forward, then replayed), so that both give the same per-sample losses.
+  forward, then replayed), so that both give the same per-sample losses. With
+  ``pairs`` below the batch's, ``losses_fn`` is the forward of the first ``pairs``
+  images' two views alone, normalised with the joint forward's statistics (replayed
+  in the same way): each of their losses is the one the joint forward gives.
   """
   batch = ctx.batch
   parts = [batch[name] for name in pair.forward]
@@ -103,18 +114,29 @@ def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False) -> P
   rows_w, rows_s = slice(start_w, start_w + size), slice(start_s, start_s + size)
   x = jnp.concatenate(parts)
   ce = optax.softmax_cross_entropy_with_integer_labels
+  subset = pairs is not None and pairs < size
+  stats = None
+  if one_sample or subset:
+    (outputs, _), stats = consistency.recorded_batch_statistics(
+        ctx.apply_fn, jax.lax.stop_gradient(ctx.params), ctx.model_state, x, True)
+  if subset:
+    x = jnp.concatenate([batch[pair.weak][:pairs], batch[pair.strong][:pairs]])
+    rows_w, rows_s = slice(0, pairs), slice(pairs, 2 * pairs)
 
   def losses_fn(params):
-    out = ctx.apply_fn(params, ctx.model_state, x, True)[0]["logits"]
+    if subset:
+      with consistency.replayed_batch_statistics(stats):
+        out = ctx.apply_fn(params, ctx.model_state, x, True)[0]["logits"]
+    else:
+      out = ctx.apply_fn(params, ctx.model_state, x, True)[0]["logits"]
     probs = jax.nn.softmax(jax.lax.stop_gradient(out[rows_w]))
     yhat = jnp.argmax(probs, axis=-1)
     return (ce(out[rows_w], yhat), ce(out[rows_s], yhat)), probs
 
   if not one_sample:
     return PairLosses(losses_fn, (rows_w, rows_s), None, None)
-  (outputs, _), stats = consistency.recorded_batch_statistics(
-      ctx.apply_fn, jax.lax.stop_gradient(ctx.params), ctx.model_state, x, True)
-  yhat = jnp.argmax(jax.lax.stop_gradient(outputs["logits"][rows_w]), axis=-1)
+  weak_rows = slice(start_w, start_w + (pairs if subset else size))
+  yhat = jnp.argmax(jax.lax.stop_gradient(outputs["logits"][weak_rows]), axis=-1)
 
   def sample_fn(params, sample):
     x_w, x_s, label = sample
@@ -122,8 +144,9 @@ def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False) -> P
       out = ctx.apply_fn(params, ctx.model_state, jnp.stack([x_w, x_s]), True)[0]["logits"]
     return ce(out[0], label), ce(out[1], label)
 
+  count = yhat.shape[0]
   return PairLosses(losses_fn, (rows_w, rows_s), sample_fn,
-                    (batch[pair.weak], batch[pair.strong], yhat))
+                    (batch[pair.weak][:count], batch[pair.strong][:count], yhat))
 
 
 def scope_of(cfg: ml_collections.ConfigDict, params: Any):
@@ -138,9 +161,15 @@ def scope_of(cfg: ml_collections.ConfigDict, params: Any):
 
 def gradient_consistency(ctx: LossContext, pair: ViewPair, cfg: ml_collections.ConfigDict
                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(terms, GC, confident)``, each ``(B,)``: ``terms = m_u (1 - GC(u)) / |B_u|`` (or
-  ``m_u (||g_w(u)||^2 + ||g_s(u)||^2) / (2 |B_u|)`` with ``penalty="grad_norm"``)."""
-  pl = pair_losses(ctx, pair, one_sample=cfg.method == "vmap")
+  """``(terms, GC, confident)``, each ``(P,)``: ``terms = m_u (1 - GC(u)) / P`` (or
+  ``m_u (||g_w(u)||^2 + ||g_s(u)||^2) / (2 P)`` with ``penalty="grad_norm"``), over the
+  first ``P`` images of the batch (:func:`pair_count` of ``pair_fraction``; all by
+  default). The sampler draws the batch at random, so a fraction below 1 gives an
+  unbiased estimate of ``L_g`` and of its gradient, at about that fraction of the
+  geometry's cost."""
+  size = ctx.batch[pair.weak].shape[0]
+  pl = pair_losses(ctx, pair, one_sample=cfg.method == "vmap",
+                   pairs=pair_count(cfg.pair_fraction, size))
   key = jax.random.fold_in(ctx.rng, 17) if ctx.rng is not None else jax.random.PRNGKey(0)
   geometry, probs = consistency.view_geometry(
       pl.losses_fn, ctx.params, method=cfg.method, scope=scope_of(cfg, ctx.params),
@@ -193,12 +222,13 @@ def with_gradient_consistency(base: Algorithm, name: str,
   def losses(ctx: LossContext) -> Losses:
     out = base.losses(ctx)
     ccfg = ctx.cfg.consistency
-    size = ctx.batch[pair.weak].shape[0]
     on = jnp.asarray(ctx.step) >= ccfg.warmup_steps
     # Computed at every step and switched off by a factor: under the step's jax.vjp a
     # lax.cond around the second-order computation runs ~15x slower on CPU (measured),
     # and the warm-up is 0.1% of the paper's schedule.
     terms, gc, confident = gradient_consistency(ctx, pair, ccfg)
+    pair_id = ctx.batch.get(pair.is_id_key)
+    pair_id = None if pair_id is None else pair_id[:gc.shape[0]]  # the measured pairs
     terms = jnp.where(on, terms, 0.0)
     terms = ccfg.weight * terms
     term = {"gc": jnp.sum(terms)}
@@ -207,12 +237,11 @@ def with_gradient_consistency(base: Algorithm, name: str,
     sample_aux, is_id = out.sample_aux, out.sample_is_id
     if ccfg.role == "auxiliary" and sample_aux is not None:
       sample_aux = jnp.concatenate([sample_aux, terms.astype(sample_aux.dtype)])
-      pair_id = ctx.batch.get(pair.is_id_key)
       if is_id is not None and pair_id is not None:
         is_id = jnp.concatenate([is_id, pair_id])
       elif is_id is not None:
         is_id = None
-    shown = diagnostics(gc, confident, ctx.batch.get(pair.is_id_key))
+    shown = diagnostics(gc, confident, pair_id)
     metrics = {**out.metrics, **{k: jnp.where(on, v, jnp.nan) for k, v in shown.items()},
                "ggcr/gc_on": on.astype(jnp.float32)}
     return dataclasses.replace(out, **role, metrics=metrics, sample_aux=sample_aux,
@@ -231,6 +260,9 @@ def with_gradient_consistency(base: Algorithm, name: str,
       fail("consistency.weight", ccfg.weight, "must be >= 0 (lambda of L_g)")
     if not 0.0 <= ccfg.tau <= 1.0:
       fail("consistency.tau", ccfg.tau, "must be a number in [0, 1]")
+    if not 0.0 < ccfg.pair_fraction <= 1.0:
+      fail("consistency.pair_fraction", ccfg.pair_fraction,
+           "must be a number in (0, 1]: the share of the unlabeled pairs in L_g")
     for field in ("sketch_dim", "sketch_chunk", "microbatch", "warmup_steps"):
       value = ccfg[field]
       low = 1 if field == "sketch_dim" else 0

@@ -120,6 +120,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
                     mean, std, mesh: Mesh | None = None) -> Callable:
   """A jitted ``train_step(state, data) -> (state, metrics)`` with the state donated.
 
+  ``tx`` is :func:`ggr_jax.train.optim.make_optimizer`'s chain: its rectifier comes
+  first, so the per-sample anchor products measured here are those of its anchor.
   ``data`` is the whole split on device (``train.input="device"``: the step samples its
   batch) or the raw batch of this step (``"stream"``: :class:`ggr_jax.data.stream.HostStream`).
   """
@@ -130,7 +132,6 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
 
   ggr = cfg.ggr
   per_sample_on = ggr.granularity == "per_sample" or ggr.sample_diagnostics
-  scope_fn = optim.scope_fn(ggr)
 
   labeled_anchor = ggr.anchor == "labeled"
   eagc_on = eagc.enabled(cfg)
@@ -194,8 +195,10 @@ def make_train_step(cfg: ml_collections.ConfigDict, model, tx: optax.GradientTra
       g_sup = anchor_grad(batch) if labeled_anchor else \
           transpose((jnp.ones_like(sup), jnp.zeros_like(aux), zero_terms))[0]
       dots = _sample_dots_fn(ggr, lin_fn, transpose, terms)
+      # the rectifier's own anchor (it is first in the chain, on the trained scoped
+      # leaves): XLA then computes the JVP once for these diagnostics and the rectifier
       anchor = jax.tree.map(lambda g, m: g[None] if m else jnp.zeros_like(g)[None],
-                            g_sup, scope_fn(g_sup))
+                            g_sup, trained_scope(g_sup))
       metrics.update(per_sample.conflict_diagnostics(dots(anchor)[:, 0], is_id, weight=terms))
       if ggr.granularity == "per_sample":
         extra["aux_sample_dots"] = dots
