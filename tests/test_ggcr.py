@@ -170,13 +170,16 @@ def test_a_pair_fraction_measures_its_pairs_as_the_whole_batch_does(split, metho
   part_fn, _, _ = _ggcr_losses_fn(split, method=method, pair_fraction=0.25)
   pairs = ggcr.pair_count(0.25, size)
   assert 1 <= pairs < size
-  full_terms = lambda p: full_fn(p).sample_aux[-size:][:pairs] * size / pairs
-  part_terms = lambda p: part_fn(p).sample_aux[-pairs:]
-  np.testing.assert_allclose(part_terms(params), full_terms(params), rtol=1e-5, atol=1e-8)
-  part = part_fn(params)
-  np.testing.assert_allclose(float(part.auxiliary["gc"]), float(jnp.sum(part_terms(params))),
-                             rtol=1e-6)
-  grads = [jax.grad(lambda p, f=f: jnp.sum(f(p)))(params) for f in (part_terms, full_terms)]
-  for a, b in zip(*map(jax.tree.leaves, grads)):
+
+  def terms_and_gradient(terms_fn):
+    return jax.jit(lambda p: (terms_fn(p), jax.grad(lambda q: jnp.sum(terms_fn(q)))(p)))(params)
+
+  full_terms, full_grad = terms_and_gradient(
+      lambda p: full_fn(p).sample_aux[-size:][:pairs] * size / pairs)
+  part_terms, part_grad = terms_and_gradient(lambda p: part_fn(p).sample_aux[-pairs:])
+  np.testing.assert_allclose(part_terms, full_terms, rtol=1e-5, atol=1e-8)
+  for a, b in zip(jax.tree.leaves(part_grad), jax.tree.leaves(full_grad)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  part = jax.jit(part_fn)(params)
+  np.testing.assert_allclose(float(part.auxiliary["gc"]), float(jnp.sum(part_terms)), rtol=1e-6)
   assert part.sample_is_id.shape == part.sample_aux.shape  # the measured pairs' labels
