@@ -141,11 +141,17 @@ def test_resuming_with_another_config_is_refused(tmp_path):
     loop.train(tiny_config(mode="sum", steps=2), tmp_path, progress=False)
 
 
-@pytest.mark.parametrize("algorithm", ["fixmatch", "iomatch"])
-def test_one_and_eight_devices_agree(tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm, consistency", [
+    ("fixmatch", None), ("iomatch", None),
+    # every other pair of a batch sharded over the devices
+    pytest.param("ggcr", dict(warmup_steps=0, mask="all", pair_fraction=0.5),
+                 id="ggcr-half-the-pairs")])
+def test_one_and_eight_devices_agree(tmp_path, algorithm, consistency):
   if jax.device_count() < 8:
     pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
   cfg = tiny_config(algorithm, "vlr", steps=2)
+  if consistency:
+    cfg[algorithm].consistency.update(consistency)
   states = []
   for n in (1, 8):
     program = build_lib.build(cfg, build_lib.DataSpec.of_split(loop.load_split(cfg)),

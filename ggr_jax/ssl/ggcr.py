@@ -9,8 +9,9 @@ classifier), and ``GC(u) = cos(g_w(u), g_s(u))``. The regulariser is
 
 with ``m_u = [max p(weak) > tau]`` (``mask="confident"``, the default: an unconfident
 pseudo-label is noise) or ``m_u = 1`` (``"all"``), still divided by the batch size.
-``pair_fraction < 1`` measures the first ``P`` pairs of the (randomly drawn) batch only and
-divides by ``P``: an unbiased estimate at about that share of the geometry's cost.
+``pair_fraction = 1 / k`` measures every ``k``-th pair of the (randomly drawn) batch only
+and divides by their number ``P``: an unbiased estimate at about ``1 / k`` of the
+geometry's cost.
 ``penalty="grad_norm"`` replaces ``1 - GC(u)`` by ``(||g_w(u)||^2 + ||g_s(u)||^2) / 2``,
 the paper's ablation "a gradient-norm penalty instead" (decision: the paper does not
 define it; this one penalises the same per-sample gradients' size rather than their
@@ -86,13 +87,14 @@ class PairLosses(NamedTuple):
   samples: tuple[jax.Array, jax.Array, jax.Array] | None  # (x_w, x_s, yhat), one per row
 
 
-def pair_count(fraction: float, size: int) -> int:
-  """How many of ``size`` pairs a ``pair_fraction`` keeps: ``round(fraction * size)``, >= 1."""
-  return max(1, min(size, round(fraction * size)))
+def pair_stride(fraction: float) -> int | None:
+  """``k`` of a ``pair_fraction`` of ``1 / k`` (every ``k``-th pair), None if it is not one."""
+  k = round(1.0 / fraction) if fraction > 0 else 0
+  return k if k >= 1 and abs(k * fraction - 1.0) < 1e-3 else None
 
 
 def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False,
-                pairs: int | None = None) -> PairLosses:
+                stride: int = 1) -> PairLosses:
   """The per-sample losses GGCR differentiates, and the pseudo-labels they use.
 
   ``losses_fn`` is one train-mode forward of the views ``pair.forward``; the hard
@@ -101,9 +103,10 @@ def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False,
   ``one_sample``, ``sample_fn`` is the forward of one sample's two views alone,
   normalised with the batch statistics of that joint forward (recorded in one more
   forward, then replayed), so that both give the same per-sample losses. With
-  ``pairs`` below the batch's, ``losses_fn`` is the forward of the first ``pairs``
-  images' two views alone, normalised with the joint forward's statistics (replayed
-  in the same way): each of their losses is the one the joint forward gives.
+  ``stride`` k > 1, ``losses_fn`` is the forward of every k-th image's two views alone
+  (a strided slice: a data-parallel batch keeps each device's share), normalised with
+  the joint forward's statistics (replayed in the same way): each of their losses is
+  the one the joint forward gives.
   """
   batch = ctx.batch
   parts = [batch[name] for name in pair.forward]
@@ -114,14 +117,15 @@ def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False,
   rows_w, rows_s = slice(start_w, start_w + size), slice(start_s, start_s + size)
   x = jnp.concatenate(parts)
   ce = optax.softmax_cross_entropy_with_integer_labels
-  subset = pairs is not None and pairs < size
+  subset = stride > 1 and size > 1
   stats = None
   if one_sample or subset:
     (outputs, _), stats = consistency.recorded_batch_statistics(
         ctx.apply_fn, jax.lax.stop_gradient(ctx.params), ctx.model_state, x, True)
   if subset:
-    x = jnp.concatenate([batch[pair.weak][:pairs], batch[pair.strong][:pairs]])
-    rows_w, rows_s = slice(0, pairs), slice(pairs, 2 * pairs)
+    weak, strong = batch[pair.weak][::stride], batch[pair.strong][::stride]
+    x = jnp.concatenate([weak, strong])
+    rows_w, rows_s = slice(0, weak.shape[0]), slice(weak.shape[0], 2 * weak.shape[0])
 
   def losses_fn(params):
     if subset:
@@ -135,7 +139,8 @@ def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False,
 
   if not one_sample:
     return PairLosses(losses_fn, (rows_w, rows_s), None, None)
-  weak_rows = slice(start_w, start_w + (pairs if subset else size))
+  every = stride if subset else 1
+  weak_rows = slice(start_w, start_w + size, every)
   yhat = jnp.argmax(jax.lax.stop_gradient(outputs["logits"][weak_rows]), axis=-1)
 
   def sample_fn(params, sample):
@@ -144,9 +149,8 @@ def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False,
       out = ctx.apply_fn(params, ctx.model_state, jnp.stack([x_w, x_s]), True)[0]["logits"]
     return ce(out[0], label), ce(out[1], label)
 
-  count = yhat.shape[0]
   return PairLosses(losses_fn, (rows_w, rows_s), sample_fn,
-                    (batch[pair.weak][:count], batch[pair.strong][:count], yhat))
+                    (batch[pair.weak][::every], batch[pair.strong][::every], yhat))
 
 
 def scope_of(cfg: ml_collections.ConfigDict, params: Any):
@@ -162,14 +166,13 @@ def scope_of(cfg: ml_collections.ConfigDict, params: Any):
 def gradient_consistency(ctx: LossContext, pair: ViewPair, cfg: ml_collections.ConfigDict
                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(terms, GC, confident)``, each ``(P,)``: ``terms = m_u (1 - GC(u)) / P`` (or
-  ``m_u (||g_w(u)||^2 + ||g_s(u)||^2) / (2 P)`` with ``penalty="grad_norm"``), over the
-  first ``P`` images of the batch (:func:`pair_count` of ``pair_fraction``; all by
-  default). The sampler draws the batch at random, so a fraction below 1 gives an
-  unbiased estimate of ``L_g`` and of its gradient, at about that fraction of the
+  ``m_u (||g_w(u)||^2 + ||g_s(u)||^2) / (2 P)`` with ``penalty="grad_norm"``), over
+  every ``k``-th image of the batch for ``pair_fraction = 1 / k`` (:func:`pair_stride`;
+  all by default), ``P`` of them. The sampler draws the batch at random, so ``k > 1``
+  gives an unbiased estimate of ``L_g`` and of its gradient, at about ``1 / k`` of the
   geometry's cost."""
-  size = ctx.batch[pair.weak].shape[0]
   pl = pair_losses(ctx, pair, one_sample=cfg.method == "vmap",
-                   pairs=pair_count(cfg.pair_fraction, size))
+                   stride=pair_stride(cfg.pair_fraction) or 1)
   key = jax.random.fold_in(ctx.rng, 17) if ctx.rng is not None else jax.random.PRNGKey(0)
   geometry, probs = consistency.view_geometry(
       pl.losses_fn, ctx.params, method=cfg.method, scope=scope_of(cfg, ctx.params),
@@ -228,7 +231,8 @@ def with_gradient_consistency(base: Algorithm, name: str,
     # and the warm-up is 0.1% of the paper's schedule.
     terms, gc, confident = gradient_consistency(ctx, pair, ccfg)
     pair_id = ctx.batch.get(pair.is_id_key)
-    pair_id = None if pair_id is None else pair_id[:gc.shape[0]]  # the measured pairs
+    stride = pair_stride(ccfg.pair_fraction) or 1
+    pair_id = None if pair_id is None else pair_id[::stride]  # the measured pairs
     terms = jnp.where(on, terms, 0.0)
     terms = ccfg.weight * terms
     term = {"gc": jnp.sum(terms)}
@@ -260,9 +264,10 @@ def with_gradient_consistency(base: Algorithm, name: str,
       fail("consistency.weight", ccfg.weight, "must be >= 0 (lambda of L_g)")
     if not 0.0 <= ccfg.tau <= 1.0:
       fail("consistency.tau", ccfg.tau, "must be a number in [0, 1]")
-    if not 0.0 < ccfg.pair_fraction <= 1.0:
+    if pair_stride(ccfg.pair_fraction) is None:
       fail("consistency.pair_fraction", ccfg.pair_fraction,
-           "must be a number in (0, 1]: the share of the unlabeled pairs in L_g")
+           "must be 1/k for an integer k >= 1 (1, 0.5, 0.25, ...): L_g measures every k-th "
+           "unlabeled pair, so that each device of a data-parallel batch keeps its share")
     for field in ("sketch_dim", "sketch_chunk", "microbatch", "warmup_steps"):
       value = ccfg[field]
       low = 1 if field == "sketch_dim" else 0
