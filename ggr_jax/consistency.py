@@ -99,22 +99,41 @@ def frozen_batch_statistics():
     yield
 
 
-def recorded_batch_statistics(fn: Callable[..., Any], *args, **kwargs
-                              ) -> tuple[Any, dict[tuple, Any]]:
-  """``fn(*args, **kwargs)`` and the batch statistics its normalisation layers computed,
-  keyed by ``(module path, call number)``, for :func:`replayed_batch_statistics`."""
+def _recorded(fn: Callable[..., Any], args, kwargs) -> tuple[Any, dict, dict]:
+  """``fn``'s output, its normalisation layers' statistics and their inputs' row counts."""
   stats: dict[tuple, Any] = {}
+  rows: dict[tuple, int] = {}
 
   def record(next_fun, args_, kwargs_, context):
     out = next_fun(*args_, **kwargs_)
     if context.method_name == "batch_statistics" and _is_normalization(context.module):
       path = tuple(context.module.path)
-      stats[(path, sum(k[0] == path for k in stats))] = out
+      key = (path, sum(k[0] == path for k in stats))
+      stats[key], rows[key] = out, jnp.shape(args_[0])[0]
     return out
 
   with nn.intercept_methods(record):
     out = fn(*args, **kwargs)
+  return out, stats, rows
+
+
+def recorded_batch_statistics(fn: Callable[..., Any], *args, **kwargs
+                              ) -> tuple[Any, dict[tuple, Any]]:
+  """``fn(*args, **kwargs)`` and the batch statistics its normalisation layers computed,
+  keyed by ``(module path, call number)``, for :func:`replayed_batch_statistics`."""
+  out, stats, _ = _recorded(fn, args, kwargs)
   return out, stats
+
+
+def single_forward_statistics(fn: Callable[..., Any], rows: int, *args, **kwargs
+                              ) -> tuple[Any, dict[tuple, Any] | None]:
+  """``fn(*args, **kwargs)`` and, if it ran each normalisation layer once on ``rows``
+  rows (one forward of a batch of that size), their statistics for
+  :func:`replayed_batch_statistics`; None otherwise (or with no such layer)."""
+  out, stats, counts = _recorded(fn, args, kwargs)
+  one_forward = stats and all(number == 0 for _, number in stats) and all(
+      count == rows for count in counts.values())
+  return out, stats if one_forward else None
 
 
 @contextlib.contextmanager

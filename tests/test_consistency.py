@@ -234,3 +234,19 @@ def test_empty_scope_and_unsupported_layers_are_named():
     consistency.view_geometry(fn, p)
   ok = consistency.view_geometry(fn, p, method="vmap")
   assert ok.cos.shape == (2,)
+
+
+def test_single_forward_statistics_are_the_recorded_ones_of_one_forward_only():
+  model = build_model("cnn", 6, "none")
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)), train=False)
+  apply_fn, stats = make_apply_fn(model), variables["batch_stats"]
+  x = jax.random.normal(jax.random.PRNGKey(1), (6, 8, 8, 1))
+  once = lambda p: apply_fn(p, stats, x, True)[0]["logits"]
+  twice = lambda p: once(p) + apply_fn(p, stats, x[:3], True)[0]["logits"][:1]
+  out, single = consistency.single_forward_statistics(once, 6, variables["params"])
+  _, recorded = consistency.recorded_batch_statistics(once, variables["params"])
+  np.testing.assert_array_equal(out, once(variables["params"]))
+  assert single is not None and single.keys() == recorded.keys()
+  jax.tree.map(np.testing.assert_array_equal, single, recorded)
+  assert consistency.single_forward_statistics(once, 5, variables["params"])[1] is None
+  assert consistency.single_forward_statistics(twice, 6, variables["params"])[1] is None

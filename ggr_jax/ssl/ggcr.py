@@ -94,7 +94,7 @@ def pair_stride(fraction: float) -> int | None:
 
 
 def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False,
-                stride: int = 1) -> PairLosses:
+                stride: int = 1, forward_stats: dict | None = None) -> PairLosses:
   """The per-sample losses GGCR differentiates, and the pseudo-labels they use.
 
   ``losses_fn`` is one train-mode forward of the views ``pair.forward``; the hard
@@ -106,7 +106,9 @@ def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False,
   ``stride`` k > 1, ``losses_fn`` is the forward of every k-th image's two views alone
   (a strided slice: a data-parallel batch keeps each device's share), normalised with
   the joint forward's statistics (replayed in the same way): each of their losses is
-  the one the joint forward gives.
+  the one the joint forward gives. ``forward_stats``, the statistics of the base loss's
+  own forward of ``pair.forward`` (:func:`~ggr_jax.consistency.single_forward_statistics`),
+  spare the subset the recording forward.
   """
   batch = ctx.batch
   parts = [batch[name] for name in pair.forward]
@@ -119,7 +121,9 @@ def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False,
   ce = optax.softmax_cross_entropy_with_integer_labels
   subset = stride > 1 and size > 1
   stats = None
-  if one_sample or subset:
+  if subset and not one_sample and forward_stats is not None:
+    stats = forward_stats
+  elif one_sample or subset:
     (outputs, _), stats = consistency.recorded_batch_statistics(
         ctx.apply_fn, jax.lax.stop_gradient(ctx.params), ctx.model_state, x, True)
   if subset:
@@ -163,7 +167,8 @@ def scope_of(cfg: ml_collections.ConfigDict, params: Any):
   return scope
 
 
-def gradient_consistency(ctx: LossContext, pair: ViewPair, cfg: ml_collections.ConfigDict
+def gradient_consistency(ctx: LossContext, pair: ViewPair, cfg: ml_collections.ConfigDict,
+                         forward_stats: dict | None = None
                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(terms, GC, confident)``, each ``(P,)``: ``terms = m_u (1 - GC(u)) / P`` (or
   ``m_u (||g_w(u)||^2 + ||g_s(u)||^2) / (2 P)`` with ``penalty="grad_norm"``), over
@@ -172,7 +177,7 @@ def gradient_consistency(ctx: LossContext, pair: ViewPair, cfg: ml_collections.C
   gives an unbiased estimate of ``L_g`` and of its gradient, at about ``1 / k`` of the
   geometry's cost."""
   pl = pair_losses(ctx, pair, one_sample=cfg.method == "vmap",
-                   stride=pair_stride(cfg.pair_fraction) or 1)
+                   stride=pair_stride(cfg.pair_fraction) or 1, forward_stats=forward_stats)
   key = jax.random.fold_in(ctx.rng, 17) if ctx.rng is not None else jax.random.PRNGKey(0)
   geometry, probs = consistency.view_geometry(
       pl.losses_fn, ctx.params, method=cfg.method, scope=scope_of(cfg, ctx.params),
@@ -223,15 +228,20 @@ def with_gradient_consistency(base: Algorithm, name: str,
     return cfg
 
   def losses(ctx: LossContext) -> Losses:
-    out = base.losses(ctx)
     ccfg = ctx.cfg.consistency
+    stride = pair_stride(ccfg.pair_fraction) or 1
+    forward_stats = None
+    if stride > 1 and ccfg.method != "vmap":  # a subset reuses the base forward's statistics
+      rows = sum(ctx.batch[name].shape[0] for name in pair.forward)
+      out, forward_stats = consistency.single_forward_statistics(base.losses, rows, ctx)
+    else:
+      out = base.losses(ctx)
     on = jnp.asarray(ctx.step) >= ccfg.warmup_steps
     # Computed at every step and switched off by a factor: under the step's jax.vjp a
     # lax.cond around the second-order computation runs ~15x slower on CPU (measured),
     # and the warm-up is 0.1% of the paper's schedule.
-    terms, gc, confident = gradient_consistency(ctx, pair, ccfg)
+    terms, gc, confident = gradient_consistency(ctx, pair, ccfg, forward_stats)
     pair_id = ctx.batch.get(pair.is_id_key)
-    stride = pair_stride(ccfg.pair_fraction) or 1
     pair_id = None if pair_id is None else pair_id[::stride]  # the measured pairs
     terms = jnp.where(on, terms, 0.0)
     terms = ccfg.weight * terms
