@@ -102,14 +102,15 @@ def frozen_batch_statistics():
 def _recorded(fn: Callable[..., Any], args, kwargs) -> tuple[Any, dict, dict]:
   """``fn``'s output, its normalisation layers' statistics and their inputs' row counts."""
   stats: dict[tuple, Any] = {}
-  rows: dict[tuple, int] = {}
+  rows: dict[tuple, int | None] = {}
 
   def record(next_fun, args_, kwargs_, context):
     out = next_fun(*args_, **kwargs_)
     if context.method_name == "batch_statistics" and _is_normalization(context.module):
       path = tuple(context.module.path)
       key = (path, sum(k[0] == path for k in stats))
-      stats[key], rows[key] = out, jnp.shape(args_[0])[0]
+      stats[key] = out
+      rows[key] = jnp.shape(args_[0])[0] if args_ else None  # unknown if passed by name
     return out
 
   with nn.intercept_methods(record):
