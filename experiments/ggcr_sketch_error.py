@@ -14,13 +14,15 @@ inputs, 4 pairs and 2 labeled rows), both at initialisation and in train mode
   and the scale ``(1 - cos^2) / sqrt(k)`` that the error of a Gaussian sketch's cosine
   follows. Each ``k`` compiles once (the key is an argument).
 
-On a GPU, run it with ``JAX_DEFAULT_MATMUL_PRECISION=highest``: float32 convolutions
+In float64 on the CPU, convolutions run as shifted windows and a matmul
+(:mod:`ggr_jax.models.float64_conv`). On a GPU, run it with ``JAX_DEFAULT_MATMUL_PRECISION=highest``: float32 convolutions
 otherwise run in TF32 there, and ``exact`` and ``vmap`` differ by its round-off.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import jax
@@ -31,6 +33,7 @@ import optax
 from ggr_jax import consistency
 from ggr_jax.data.digits import digits_closed_split
 from ggr_jax.models import build_model
+from ggr_jax.models.float64_conv import float64_convolutions_by_matmul
 from ggr_jax.ssl.ggcr import encoder_scope
 from ggr_jax.train.state import make_apply_fn
 
@@ -109,10 +112,13 @@ def main() -> None:
   if args.x64:
     jax.config.update("jax_enable_x64", True)
   dtype = jnp.float64 if args.x64 else jnp.float32
-  for backbone in args.backbones.split(","):
-    default = (16, 64) if backbone == "wrn28_2" and on_cpu else (16, 64, 256)
-    n_lb, n = (4, 16) if backbone == "cnn" else (2, 4)
-    _report(backbone, dtype, n_lb, n, dims or default)
+  # XLA's CPU backend has no float64 convolution kernel; see ggr_jax.models.float64_conv.
+  by_matmul = float64_convolutions_by_matmul() if args.x64 and on_cpu else contextlib.nullcontext()
+  with by_matmul:
+    for backbone in args.backbones.split(","):
+      default = (16, 64) if backbone == "wrn28_2" and on_cpu else (16, 64, 256)
+      n_lb, n = (4, 16) if backbone == "cnn" else (2, 4)
+      _report(backbone, dtype, n_lb, n, dims or default)
 
 
 if __name__ == "__main__":

@@ -167,9 +167,9 @@ def _mesh():
   return build_lib.make_mesh(jax.local_devices()[:1])
 
 
-def time_step(algorithm: str, work: Workload, variant: dict[str, Any], steps: int = 20,
-              warmup: int = 3) -> dict[str, Any]:
-  """Times one (algorithm, workload, variant) cell; returns its figures."""
+def prepared_step(algorithm: str, work: Workload, variant: dict[str, Any]):
+  """The cell's jitted train step, its initial state and its batch feed (on synthetic
+  data; the caller closes the feed)."""
   cfg = _config(algorithm, work, variant)
   host = _synthetic_data(work)
   channels = work.image_shape[-1]
@@ -177,8 +177,13 @@ def time_step(algorithm: str, work: Workload, variant: dict[str, Any], steps: in
                             (0.5,) * channels, (0.25,) * channels)
   program = build_lib.build(cfg, data, _mesh())
   state = program.init_state()
-  feed = program.feed(host, state, 0)
-  step = program.train_step
+  return program.train_step, state, program.feed(host, state, 0)
+
+
+def time_step(algorithm: str, work: Workload, variant: dict[str, Any], steps: int = 20,
+              warmup: int = 3) -> dict[str, Any]:
+  """Times one (algorithm, workload, variant) cell; returns its figures."""
+  step, state, feed = prepared_step(algorithm, work, variant)
   batch = feed.next(0)
   start = time.perf_counter()
   xla = compiled_figures(step.lower(state, batch).compile())
@@ -296,6 +301,16 @@ def _time_cell(isolate: bool, *args) -> dict[str, Any]:
       return {"error": "the cell's process died (killed, e.g. for memory)"}
 
 
+def check_names(workloads: list[str], variants: list[str]) -> None:
+  """A ValueError naming the first unknown workload or variant and the known ones."""
+  for name in workloads:
+    if name not in WORKLOADS:
+      raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
+  for name in variants:
+    if name not in VARIANTS:
+      raise ValueError(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
+
+
 def run(workloads: list[str], algorithms: list[str], variants: list[str], steps: int = 20,
         warmup: int = 3, verbose: bool = True, pipeline: bool = False,
         pipeline_workers: int = 0, isolate: bool | None = None,
@@ -307,12 +322,7 @@ def run(workloads: list[str], algorithms: list[str], variants: list[str], steps:
   fails at run time (e.g. out of device memory) becomes a row with its ``error`` and the
   next cell runs. With ``json_path`` the report is rewritten after every row, so a run cut
   short keeps the rows it finished."""
-  for name in workloads:
-    if name not in WORKLOADS:
-      raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
-  for name in variants:
-    if name not in VARIANTS:
-      raise ValueError(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
+  check_names(workloads, variants)
   if isolate is not False:  # device memory on demand: the parent leaves the card to the cells
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   device = jax.devices()[0]

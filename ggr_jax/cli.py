@@ -210,7 +210,21 @@ def bench_main(argv: list[str]) -> int:
   parser.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
                       help="each cell in a fresh process, so peak device memory is its own "
                            "(auto: yes where the backend reports device memory)")
+  parser.add_argument("--profile", type=_positive_int, default=None, metavar="TOP",
+                      help="instead of timing, trace --steps steps of each cell and print "
+                           "where the time goes: by phase and kind of operation, by layer, "
+                           "and the TOP slowest operations (ggr_jax.step_profile)")
   args = parser.parse_args(argv)
+  if args.profile:
+    from ggr_jax import step_profile  # pylint: disable=import-outside-toplevel
+    try:
+      step_profile.run(args.workloads.split(","), args.algorithms.split(","),
+                       [v for v in args.variants.split(",") if v], args.steps, args.warmup,
+                       top=args.profile, json_path=args.json)
+    except ValueError as err:
+      print(f"ggr-jax bench: {err}", file=sys.stderr)
+      return 2
+    return 0
   try:
     bench.run(args.workloads.split(","), args.algorithms.split(","),
               [v for v in args.variants.split(",") if v], args.steps, args.warmup,

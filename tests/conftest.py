@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
 import tempfile
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -40,6 +38,8 @@ use_eigen_convolutions()
 import jax  # pylint: disable=wrong-import-position,wrong-import-order
 import jax.numpy as jnp  # pylint: disable=wrong-import-position,wrong-import-order
 
+from ggr_jax.models.float64_conv import float64_convolutions_by_matmul  # pylint: disable=wrong-import-position,unused-import
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -57,48 +57,6 @@ def with_optimized_code(jitted):
     return compiled[key](*args)
 
   return call
-
-
-_LAX_CONV = jax.lax.conv_general_dilated
-
-
-def _conv_by_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                    dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-                    precision=None, preferred_element_type=None, **kwargs):
-  """A float64 NHWC/HWIO 2-D convolution as shifted windows and one matmul (see
-  :func:`float64_convolutions_by_matmul`); anything else goes to XLA's convolution."""
-  plain = (lhs.dtype == jnp.float64 and lhs.ndim == 4 and feature_group_count == 1
-           and not any(v is not None for v in kwargs.values())
-           and batch_group_count == 1 and all(d == 1 for d in (lhs_dilation or (1, 1)))
-           and preferred_element_type in (None, jnp.float64)
-           and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-           == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))
-  if not plain:
-    return _LAX_CONV(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                     dimension_numbers, feature_group_count, batch_group_count, precision,
-                     preferred_element_type, **kwargs)
-  (kh, kw, cin, cout), strides = rhs.shape, tuple(window_strides)
-  dilation = tuple(rhs_dilation or (1, 1))
-  window = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
-  pads = jax.lax.padtype_to_pads(lhs.shape[1:3], window, strides, padding) \
-      if isinstance(padding, str) else padding
-  xp = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
-  out = [(xp.shape[1 + a] - window[a]) // strides[a] + 1 for a in range(2)]
-  windows = [xp[:, i * dilation[0]:i * dilation[0] + (out[0] - 1) * strides[0] + 1:strides[0],
-                j * dilation[1]:j * dilation[1] + (out[1] - 1) * strides[1] + 1:strides[1]]
-             for i in range(kh) for j in range(kw)]
-  return jnp.concatenate(windows, axis=-1) @ rhs.reshape(kh * kw * cin, cout)
-
-
-@contextlib.contextmanager
-def float64_convolutions_by_matmul():
-  """Inside, float64 2-D convolutions traced through ``jax.lax.conv_general_dilated``
-  (Flax's ``nn.Conv``) are shifted windows and one matmul. XLA's CPU backend has no
-  float64 convolution kernel (it emits plain loops, about 2.5 GFLOP/s here), while its
-  float64 matmul is Eigen's; the parity tests check the models, losses and steps, not
-  XLA's convolution, and the two agree to float64 rounding."""
-  with mock.patch.object(jax.lax, "conv_general_dilated", _conv_by_matmul):
-    yield
 
 
 SHARED = pathlib.Path(os.environ.get("GGR_SHARED", REPO.parent / "shared"))
