@@ -10,11 +10,14 @@ HLO of the same program:
   the optimizer);
 * ``layer``: the Flax module path inside the model (``backbone/block1a_bn``), or ``-``;
 * ``kind``: ``conv forward``, ``conv input grad``, ``conv kernel grad`` (a backward
-  convolution whose output has a kernel's shape), ``matmul``, ``reduction fusion``,
+  convolution whose output has a kernel's shape; its layer is that kernel's module where
+  no other kernel has the shape), ``matmul``, ``reduction fusion``,
   ``elementwise fusion``, ``copy/transpose``, ``control`` (loops, calls), or the opcode.
 
-Times are per step, summed over the operation's executions (operations that run on
-several threads at once add up, so ``busy_ms`` can exceed the step's wall time). XLA's
+Times are per step, summed over the operation's executions; while several operations
+are in flight at once (the runtime runs independent ones concurrently) their time is
+split equally among them, so the times add up to ``busy_ms``, the time the program had
+work in flight, at most the step's wall time (the rest: launch, host and transfers). XLA's
 cost analysis gives no per-operation times, and no maintained Python package reads
 both XLA's trace and its HLO, hence the small parser here.
 """
@@ -93,9 +96,22 @@ def _dims(shape: str) -> tuple[int, ...]:
   return tuple(int(d) for d in found.group(1).split(",") if d) if found else ()
 
 
+def kernel_layers(params: Any) -> dict[tuple[int, ...], str]:
+  """The module path of each kernel (a parameter of 2 or more dimensions) by its sorted
+  shape, ``-`` where several kernels share a shape."""
+  layers: dict[tuple[int, ...], str] = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    if np.ndim(leaf) >= 2:
+      shape = tuple(sorted(np.shape(leaf)))
+      module = "/".join(str(getattr(k, "key", k)) for k in path[:-1])
+      layers[shape] = module if shape not in layers else "-"
+  return layers
+
+
 def classify(op: Operation, opcodes: dict[str, set[str]],
-             kernel_shapes: set[tuple[int, ...]]) -> tuple[str, str, str]:
-  """``(phase, layer, kind)`` of one operation (see the module's docstring)."""
+             kernel_shapes: dict[tuple[int, ...], str]) -> tuple[str, str, str]:
+  """``(phase, layer, kind)`` of one operation (see the module's docstring);
+  ``kernel_shapes`` as :func:`kernel_layers` gives them."""
   in_model = _MODEL_PATH.search(op.op_name)
   layer = "-"
   if in_model:  # the module path, up to a function scope (jit(...)) or a method (bn.normalize)
@@ -109,6 +125,8 @@ def classify(op: Operation, opcodes: dict[str, set[str]],
     # XLA's rewrites of a kernel gradient's convolution may drop its metadata
     if phase != "forward" and tuple(sorted(_dims(op.shape))) in kernel_shapes:
       phase, kind = "backward", "conv kernel grad"
+      if layer == "-":
+        layer = kernel_shapes[tuple(sorted(_dims(op.shape)))]
     elif phase != "backward":
       kind = "conv forward"
     else:
@@ -130,13 +148,15 @@ def classify(op: Operation, opcodes: dict[str, set[str]],
 
 
 def _op_times(trace_dir: str, module: str) -> dict[str, float]:
-  """Total nanoseconds per ``hlo_op`` of ``module`` in the trace under ``trace_dir``.
+  """Nanoseconds per ``hlo_op`` of ``module`` in the trace under ``trace_dir``, with the
+  time during which several operations were in flight split equally among them (so the
+  times add up to the time the program had work in flight, at most its wall time).
 
   The CPU runtime's thunks may finish asynchronously (Eigen's convolutions run on its
   pool after the thunk returns): a start event carries a producer id ``_p``, and the
-  ``end: ...`` event with the same consumer id ``_c`` marks completion; an operation's
-  time runs from its start to its end event where there is one."""
-  totals: dict[str, float] = collections.defaultdict(float)
+  ``end: ...`` event with the same consumer id ``_c`` marks completion; an operation is
+  in flight from its start to its end event where there is one."""
+  intervals: list[tuple[float, float, str]] = []
   for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
     for plane in ProfileData.from_file(path).planes:
       starts, ends = {}, {}
@@ -148,8 +168,18 @@ def _op_times(trace_dir: str, module: str) -> dict[str, float]:
             starts[key] = (str(stats["hlo_op"]), event.start_ns, event.duration_ns)
           elif event.name.startswith("end: ") and "_c" in stats:
             ends[stats["_c"]] = event.start_ns
-      for key, (name, start, duration) in starts.items():
-        totals[name] += max(duration, ends.get(key, start) - start)
+      intervals += [(start, start + max(duration, ends.get(key, start) - start), name)
+                    for key, (name, start, duration) in starts.items()]
+  boundaries = sorted([(start, 1, i) for i, (start, _, _) in enumerate(intervals)]
+                      + [(end, -1, i) for i, (_, end, _) in enumerate(intervals)])
+  totals: dict[str, float] = collections.defaultdict(float)
+  active: set[int] = set()
+  last = boundaries[0][0] if boundaries else 0.0
+  for when, change, index in boundaries:
+    for i in active:
+      totals[intervals[i][2]] += (when - last) / len(active)
+    last = when
+    (active.add if change > 0 else active.discard)(index)
   return totals
 
 
@@ -162,8 +192,7 @@ def profile_step(algorithm: str, work: bench.Workload, variant: dict[str, Any],
   compiled = step.lower(state, batch).compile()
   allocator.return_freed_memory()
   ops, opcodes = parse_hlo(compiled.as_text())
-  kernel_shapes = {tuple(sorted(leaf.shape)) for leaf in jax.tree.leaves(state.params)
-                   if np.ndim(leaf) >= 2}
+  kernel_shapes = kernel_layers(state.params)
   for i in range(warmup):
     state, _ = step(state, feed.next(i))
   jax.block_until_ready(state)
@@ -200,7 +229,7 @@ def summary(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> list[tuple[tup
 def format_profile(title: str, profile: dict[str, Any], top: int = 15) -> str:
   """The profile as text: by phase and kind, by layer, then the ``top`` operations."""
   rows, busy = profile["operations"], profile["busy_ms"]
-  lines = [f"{title}: wall {profile['wall_ms']:.1f} ms/step (median), operations busy "
+  lines = [f"{title}: wall {profile['wall_ms']:.1f} ms/step (median), operations in flight "
            f"{busy:.1f} ms/step"]
   for keys in (("phase", "kind"), ("layer",)):
     lines.append(f"  by {' and '.join(keys)}:")

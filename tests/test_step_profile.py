@@ -23,8 +23,7 @@ def _cnn_gradient_program():
 
   x = jnp.ones((16, 8, 8, 1))
   compiled = jax.jit(jax.grad(loss)).lower(variables["params"], x).compile()
-  kernels = {tuple(sorted(a.shape)) for a in jax.tree.leaves(variables["params"]) if a.ndim >= 2}
-  return compiled, kernels
+  return compiled, step_profile.kernel_layers(variables["params"])
 
 
 def test_the_gradient_of_a_cnn_has_every_kind_of_convolution_in_its_layers():
@@ -34,9 +33,11 @@ def test_the_gradient_of_a_cnn_has_every_kind_of_convolution_in_its_layers():
            if op.opcode in ("convolution", "fusion", "custom-call")}
   kinds = {kind for _, _, kind in named.values()}
   assert {"conv forward", "conv input grad", "conv kernel grad"} <= kinds
-  forward_layers = {layer for phase, layer, kind in named.values() if kind == "conv forward"}
-  # the CNN's four convolutions, each found under its Flax module path
-  assert {f"backbone/block{b}_conv" for b in ("1a", "1b", "2a", "2b")} <= forward_layers
+  # the CNN's four convolutions, each found under its Flax module path, forward and back
+  # (the kernels' shapes differ, so the kernel gradients are named by them)
+  convs = {f"backbone/block{b}_conv" for b in ("1a", "1b", "2a", "2b")}
+  for kind in ("conv forward", "conv kernel grad"):
+    assert convs <= {layer for _, layer, k in named.values() if k == kind}, kind
   for phase, _, kind in named.values():
     if kind in ("conv input grad", "conv kernel grad"):
       assert phase == "backward"
@@ -59,7 +60,7 @@ ENTRY %main (a: f32[4]) -> (f32[], f32[4]) {
   ops, opcodes = step_profile.parse_hlo(text)
   assert ops["tuple.2"].opcode == "tuple" and ops["tuple.2"].shape.startswith("(f32[]")
   assert ops["fusion.3"].calls == "fused_computation" and ops["fusion.3"].op_name == "jit(f)/reduce_sum"
-  assert step_profile.classify(ops["fusion.3"], opcodes, set()) == (
+  assert step_profile.classify(ops["fusion.3"], opcodes, {}) == (
       "other", "-", "reduction fusion")
 
 
