@@ -70,6 +70,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
                               consistency=dict(method="exact", pair_fraction=0.25)),
     "ggcr_fast_eighth": dict(mode="sum", split_gradients=False,
                              consistency=dict(method="exact", pair_fraction=0.125)),
+    # the exact method on every pair, in 4 or 8 chunks one after the other (pair_chunks)
+    **{f"ggcr_fast_chunks{c}": dict(mode="sum", split_gradients=False,
+                                    consistency=dict(method="exact", pair_chunks=c))
+       for c in (4, 8, 16)},
     "ggcr_sketch_k64": dict(mode="sum", split_gradients=False,
                             consistency=dict(method="sketch", sketch_dim=64)),
     # the same sketch, 8, 4 or 2 directions per pass: each pass holds its directions'

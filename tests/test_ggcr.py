@@ -92,11 +92,20 @@ def test_the_confident_mask_drops_unconfident_samples(split):
     ("pair_fraction", 0.0, "ggcr.consistency.pair_fraction"),
     ("pair_fraction", 1.5, "ggcr.consistency.pair_fraction"),
     ("pair_fraction", 0.3, "ggcr.consistency.pair_fraction"),
+    ("pair_chunks", 0, "ggcr.consistency.pair_chunks"),
+    ("pair_chunks", -1, "ggcr.consistency.pair_chunks"),
 ])
 def test_bad_settings_name_the_field(field, value, message):
   cfg = _config("ggcr")
   cfg.ggcr.consistency[field] = value
   with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(cfg, num_devices=1)
+
+
+def test_chunks_are_for_the_exact_method():
+  cfg = _config("ggcr")
+  cfg.ggcr.consistency.update(dict(method="sketch", pair_chunks=2))
+  with pytest.raises(config_lib.ConfigError, match="ggcr.consistency.pair_chunks"):
     config_lib.validate(cfg, num_devices=1)
 
 
@@ -185,3 +194,33 @@ def test_a_pair_fraction_measures_its_pairs_as_the_whole_batch_does(split, metho
   part = jax.jit(part_fn)(params)
   np.testing.assert_allclose(float(part.auxiliary["gc"]), float(jnp.sum(part_terms)), rtol=1e-6)
   assert part.sample_is_id.shape == part.sample_aux.shape  # the measured pairs' labels
+
+
+@pytest.mark.parametrize("fraction, chunks", [(1.0, 4), (0.5, 2)])
+def test_pairs_in_chunks_give_the_same_terms_and_gradient(split, fraction, chunks):
+  """Chunks one after the other, each rebuilt in the backward pass, measure the same
+  pairs as one pass: the same per-pair terms, diagnostics and gradient."""
+  one_fn, params, size = _ggcr_losses_fn(split, pair_fraction=fraction)
+  chunk_fn, _, _ = _ggcr_losses_fn(split, pair_fraction=fraction, pair_chunks=chunks)
+  pairs = len(range(0, size, ggcr.pair_stride(fraction)))
+  assert pairs % chunks == 0 and pairs // chunks > 1
+
+  def terms_and_gradient(fn):
+    terms = lambda p: fn(p).sample_aux[-pairs:]
+    return jax.jit(lambda p: (terms(p), fn(p).metrics["ggcr/gc_mean"],
+                              jax.grad(lambda q: jnp.sum(terms(q)))(p)))(params)
+
+  one_terms, one_gc, one_grad = terms_and_gradient(one_fn)
+  chunk_terms, chunk_gc, chunk_grad = terms_and_gradient(chunk_fn)
+  assert float(jnp.max(jnp.abs(one_terms))) > 0
+  np.testing.assert_allclose(chunk_terms, one_terms, rtol=1e-5, atol=1e-8)
+  np.testing.assert_allclose(chunk_gc, one_gc, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(chunk_grad), jax.tree.leaves(one_grad)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_chunks_that_do_not_divide_the_pairs_are_refused(split):
+  fn, params, size = _ggcr_losses_fn(split, pair_chunks=5)
+  assert size % 5
+  with pytest.raises(ValueError, match="consistency.pair_chunks"):
+    jax.eval_shape(fn, params)

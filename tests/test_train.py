@@ -143,9 +143,9 @@ def test_resuming_with_another_config_is_refused(tmp_path):
 
 @pytest.mark.parametrize("algorithm, consistency", [
     ("fixmatch", None), ("iomatch", None),
-    # every other pair of a batch sharded over the devices
-    pytest.param("ggcr", dict(warmup_steps=0, mask="all", pair_fraction=0.5),
-                 id="ggcr-half-the-pairs")])
+    # every other pair of a batch sharded over the devices, in two chunks
+    pytest.param("ggcr", dict(warmup_steps=0, mask="all", pair_fraction=0.5, pair_chunks=2),
+                 id="ggcr-half-the-pairs-in-chunks")])
 def test_one_and_eight_devices_agree(tmp_path, algorithm, consistency):
   if jax.device_count() < 8:
     pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")

@@ -11,7 +11,10 @@ with ``m_u = [max p(weak) > tau]`` (``mask="confident"``, the default: an unconf
 pseudo-label is noise) or ``m_u = 1`` (``"all"``), still divided by the batch size.
 ``pair_fraction = 1 / k`` measures every ``k``-th pair of the (randomly drawn) batch only
 and divides by their number ``P``: an unbiased estimate at about ``1 / k`` of the
-geometry's cost.
+geometry's cost. ``pair_chunks = c`` (exact method) measures every pair, in ``c`` chunks
+one after the other (every ``c``-th measured pair per chunk), each chunk's geometry
+rebuilt in the backward pass (``jax.checkpoint``): the same ``L_g`` and gradient in about
+``1 / c`` of the geometry's memory, for one more pass of its forward part.
 ``penalty="grad_norm"`` replaces ``1 - GC(u)`` by ``(||g_w(u)||^2 + ||g_s(u)||^2) / 2``,
 the paper's ablation "a gradient-norm penalty instead" (decision: the paper does not
 define it; this one penalises the same per-sample gradients' size rather than their
@@ -56,7 +59,7 @@ def consistency_config() -> ml_collections.ConfigDict:
   """The ``consistency`` sub-block: the paper's values (lambda 0.1, 1,000 warm-up steps)."""
   return ml_collections.ConfigDict(dict(
       weight=0.1, warmup_steps=1000, tau=0.95, mask="confident", penalty="cosine",
-      method="exact", pair_fraction=1.0,
+      method="exact", pair_fraction=1.0, pair_chunks=1,
       scope="encoder", sketch_dim=64, sketch_chunk=0, remat="auto", microbatch=0,
       role="auxiliary"))
 
@@ -124,22 +127,14 @@ def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False,
   if subset and not one_sample and forward_stats is not None:
     stats = forward_stats
   elif one_sample or subset:
-    (outputs, _), stats = consistency.recorded_batch_statistics(
-        ctx.apply_fn, jax.lax.stop_gradient(ctx.params), ctx.model_state, x, True)
+    outputs, stats = _joint_statistics(ctx, x)
   if subset:
-    weak, strong = batch[pair.weak][::stride], batch[pair.strong][::stride]
-    x = jnp.concatenate([weak, strong])
-    rows_w, rows_s = slice(0, weak.shape[0]), slice(weak.shape[0], 2 * weak.shape[0])
-
-  def losses_fn(params):
-    if subset:
-      with consistency.replayed_batch_statistics(stats):
-        out = ctx.apply_fn(params, ctx.model_state, x, True)[0]["logits"]
-    else:
+    losses_fn, (rows_w, rows_s) = _replayed_losses(ctx, stats, batch[pair.weak][::stride],
+                                                   batch[pair.strong][::stride])
+  else:
+    def losses_fn(params):
       out = ctx.apply_fn(params, ctx.model_state, x, True)[0]["logits"]
-    probs = jax.nn.softmax(jax.lax.stop_gradient(out[rows_w]))
-    yhat = jnp.argmax(probs, axis=-1)
-    return (ce(out[rows_w], yhat), ce(out[rows_s], yhat)), probs
+      return _view_losses(out, rows_w, rows_s)
 
   if not one_sample:
     return PairLosses(losses_fn, (rows_w, rows_s), None, None)
@@ -155,6 +150,67 @@ def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False,
 
   return PairLosses(losses_fn, (rows_w, rows_s), sample_fn,
                     (batch[pair.weak][::every], batch[pair.strong][::every], yhat))
+
+
+def _joint_statistics(ctx: LossContext, x: jax.Array):
+  """The outputs and the recorded batch statistics of a train-mode forward of ``x``,
+  without gradient (a recording forward of its own)."""
+  (outputs, _), stats = consistency.recorded_batch_statistics(
+      ctx.apply_fn, jax.lax.stop_gradient(ctx.params), ctx.model_state, x, True)
+  return outputs, stats
+
+
+def _view_losses(logits: jax.Array, rows_w: slice, rows_s: slice):
+  ce = optax.softmax_cross_entropy_with_integer_labels
+  probs = jax.nn.softmax(jax.lax.stop_gradient(logits[rows_w]))
+  yhat = jnp.argmax(probs, axis=-1)
+  return (ce(logits[rows_w], yhat), ce(logits[rows_s], yhat)), probs
+
+
+def _replayed_losses(ctx: LossContext, stats: dict, weak: jax.Array, strong: jax.Array):
+  """``losses_fn`` of the pairs ``(weak, strong)`` forwarded alone, normalised with the
+  joint forward's replayed ``stats``, and the two views' rows in that forward."""
+  x, n = jnp.concatenate([weak, strong]), weak.shape[0]
+  rows = (slice(0, n), slice(n, 2 * n))
+
+  def losses_fn(params):
+    with consistency.replayed_batch_statistics(stats):
+      out = ctx.apply_fn(params, ctx.model_state, x, True)[0]["logits"]
+    return _view_losses(out, *rows)
+
+  return losses_fn, rows
+
+
+def _chunked_exact_geometry(ctx: LossContext, pair: ViewPair, cfg: ml_collections.ConfigDict,
+                            stride: int, forward_stats: dict | None):
+  """The exact geometry of the measured pairs in ``cfg.pair_chunks`` chunks, one after the
+  other (``jax.lax.map``), each rebuilt in the backward pass (``jax.checkpoint``), so that
+  only one chunk's intermediates are alive at a time; ``(cos, sq_w, sq_s, probs)`` in the
+  pairs' order."""
+  chunks = cfg.pair_chunks
+  stats = forward_stats
+  if stats is None:
+    _, stats = _joint_statistics(ctx, jnp.concatenate([ctx.batch[n] for n in pair.forward]))
+  weak, strong = ctx.batch[pair.weak][::stride], ctx.batch[pair.strong][::stride]
+  pairs = weak.shape[0]
+  if pairs % chunks:
+    raise ValueError(f"consistency.pair_chunks = {chunks} does not divide the {pairs} "
+                     "measured unlabeled pairs of a batch; choose a divisor of it.")
+  scope = scope_of(cfg, ctx.params)
+
+  @jax.checkpoint
+  def one_chunk(params, views):
+    losses_fn, rows = _replayed_losses(ctx, stats, *views)
+    geometry, probs = consistency.view_geometry(
+        losses_fn, params, method="exact", scope=scope, view_rows=rows,
+        remat=REMAT[cfg.remat], has_aux=True)
+    return geometry.cos, geometry.sq_w, geometry.sq_s, probs
+
+  # chunk j holds pairs j, j + chunks, ...: a strided split, as pair_fraction's
+  split = lambda a: a.reshape(pairs // chunks, chunks, *a.shape[1:]).swapaxes(0, 1)
+  merge = lambda a: a.swapaxes(0, 1).reshape(pairs, *a.shape[2:])
+  out = jax.lax.map(lambda views: one_chunk(ctx.params, views), (split(weak), split(strong)))
+  return tuple(merge(a) for a in out)
 
 
 def scope_of(cfg: ml_collections.ConfigDict, params: Any):
@@ -176,19 +232,23 @@ def gradient_consistency(ctx: LossContext, pair: ViewPair, cfg: ml_collections.C
   all by default), ``P`` of them. The sampler draws the batch at random, so ``k > 1``
   gives an unbiased estimate of ``L_g`` and of its gradient, at about ``1 / k`` of the
   geometry's cost."""
-  pl = pair_losses(ctx, pair, one_sample=cfg.method == "vmap",
-                   stride=pair_stride(cfg.pair_fraction) or 1, forward_stats=forward_stats)
-  key = jax.random.fold_in(ctx.rng, 17) if ctx.rng is not None else jax.random.PRNGKey(0)
-  geometry, probs = consistency.view_geometry(
-      pl.losses_fn, ctx.params, method=cfg.method, scope=scope_of(cfg, ctx.params),
-      view_rows=pl.rows, microbatch=cfg.microbatch or None, key=key,
-      sketch_dim=cfg.sketch_dim, sketch_chunk=cfg.sketch_chunk or None,
-      remat=REMAT[cfg.remat],
-      sample_fn=pl.sample_fn, samples=pl.samples, has_aux=True)
-  gc = geometry.cos
+  stride = pair_stride(cfg.pair_fraction) or 1
+  if cfg.pair_chunks > 1:
+    gc, sq_w, sq_s, probs = _chunked_exact_geometry(ctx, pair, cfg, stride, forward_stats)
+  else:
+    pl = pair_losses(ctx, pair, one_sample=cfg.method == "vmap", stride=stride,
+                     forward_stats=forward_stats)
+    key = jax.random.fold_in(ctx.rng, 17) if ctx.rng is not None else jax.random.PRNGKey(0)
+    geometry, probs = consistency.view_geometry(
+        pl.losses_fn, ctx.params, method=cfg.method, scope=scope_of(cfg, ctx.params),
+        view_rows=pl.rows, microbatch=cfg.microbatch or None, key=key,
+        sketch_dim=cfg.sketch_dim, sketch_chunk=cfg.sketch_chunk or None,
+        remat=REMAT[cfg.remat],
+        sample_fn=pl.sample_fn, samples=pl.samples, has_aux=True)
+    gc, sq_w, sq_s = geometry.cos, geometry.sq_w, geometry.sq_s
   confident = jnp.max(probs, axis=-1) > cfg.tau
   weight = confident.astype(gc.dtype) if cfg.mask == "confident" else jnp.ones_like(gc)
-  per_sample = (1.0 - gc) if cfg.penalty == "cosine" else (geometry.sq_w + geometry.sq_s) / 2
+  per_sample = (1.0 - gc) if cfg.penalty == "cosine" else (sq_w + sq_s) / 2
   return weight * per_sample / gc.shape[0], gc, confident
 
 
@@ -231,7 +291,8 @@ def with_gradient_consistency(base: Algorithm, name: str,
     ccfg = ctx.cfg.consistency
     stride = pair_stride(ccfg.pair_fraction) or 1
     forward_stats = None
-    if stride > 1 and ccfg.method != "vmap":  # a subset reuses the base forward's statistics
+    if (stride > 1 or ccfg.pair_chunks > 1) and ccfg.method != "vmap":
+      # a subset or a chunk reuses the base forward's statistics
       rows = sum(ctx.batch[name].shape[0] for name in pair.forward)
       out, forward_stats = consistency.single_forward_statistics(base.losses, rows, ctx)
     else:
@@ -278,11 +339,16 @@ def with_gradient_consistency(base: Algorithm, name: str,
       fail("consistency.pair_fraction", ccfg.pair_fraction,
            "must be 1/k for an integer k >= 1 (1, 0.5, 0.25, ...): L_g measures every k-th "
            "unlabeled pair, so that each device of a data-parallel batch keeps its share")
-    for field in ("sketch_dim", "sketch_chunk", "microbatch", "warmup_steps"):
+    for field in ("sketch_dim", "sketch_chunk", "microbatch", "warmup_steps", "pair_chunks"):
       value = ccfg[field]
-      low = 1 if field == "sketch_dim" else 0
+      low = 1 if field in ("sketch_dim", "pair_chunks") else 0
       if not isinstance(value, int) or isinstance(value, bool) or value < low:
         fail(f"consistency.{field}", value, f"must be an integer >= {low}")
+
+    if ccfg.pair_chunks != 1 and ccfg.method != "exact":
+      fail("consistency.pair_chunks", ccfg.pair_chunks,
+           f"chunks are for method='exact' (here {ccfg.method!r}); the vmap method has "
+           "consistency.microbatch and the sketch consistency.sketch_chunk")
 
   return dataclasses.replace(base, name=name, default_config=default_config, losses=losses,
                              validate=validate)
