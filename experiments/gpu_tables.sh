@@ -8,6 +8,8 @@
 #                                                 # second backward's cost, csr vs official
 #   bash experiments/gpu_tables.sh sketch OUTDIR  # per-sample vlr, the sketch in chunks of
 #                                                 # 4 and 2, digits sketch seeds 3-4
+#   bash experiments/gpu_tables.sh chunks OUTDIR  # exact GGCR in 8 and 16 chunks, the
+#                                                 # pair fraction with the base statistics
 #
 # Wheels of the missing pure dependencies (grain, ml-collections, tensorflow-datasets, ...)
 # and of ggr_jax itself lie in .whl/ (pip download / pip wheel on a networked machine); a
@@ -15,7 +17,7 @@
 # experiments/vs_official.py reads) lies in .official/. Every stage prints as it goes and
 # has its own time limit, so a stage cut short still leaves its finished rows in OUTDIR.
 set -u
-stage=${1:?smoke, main, ggcr or sketch}
+stage=${1:?smoke, main, ggcr, sketch or chunks}
 out=${2:?output folder}
 mkdir -p "$out"; out=$(cd "$out" && pwd)
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -51,6 +53,16 @@ if [ "$stage" = ggcr ]; then
     --device cuda --batch paper --losses fixmatch --variants csr --rounds 1 --steps 10 \
     --warmup 2 --json "$out/vs_official_cuda_paper_csr.json" 2>&1 | grep -v cuda_timer \
     | tee "$out/vs_official_csr.txt"
+  exit
+fi
+
+if [ "$stage" = chunks ]; then
+  # exact GGCR on every pair in chunks one after the other (consistency.pair_chunks; planned
+  # on the CPU at 1.51x and 1.25x FixMatch's memory), and the pair fraction's final version
+  timeout 400 $ggr bench --workloads wrn28_2_paper --algorithms fixmatch \
+    --variants sum,ggcr_fast_chunks16,ggcr_fast_chunks8,ggcr_fast_eighth,ggcr_fast_quarter,ggcr_fast \
+    --steps 10 --warmup 2 --json "$out/bench_wrn28_2_paper_chunks.json" 2>&1 \
+    | grep -v cuda_timer | tee "$out/bench_chunks.txt"
   exit
 fi
 
