@@ -344,7 +344,6 @@ def with_gradient_consistency(base: Algorithm, name: str,
       low = 1 if field in ("sketch_dim", "pair_chunks") else 0
       if not isinstance(value, int) or isinstance(value, bool) or value < low:
         fail(f"consistency.{field}", value, f"must be an integer >= {low}")
-
     if ccfg.pair_chunks != 1 and ccfg.method != "exact":
       fail("consistency.pair_chunks", ccfg.pair_chunks,
            f"chunks are for method='exact' (here {ccfg.method!r}); the vmap method has "
