@@ -9,7 +9,8 @@
 #   bash experiments/gpu_tables.sh sketch OUTDIR  # per-sample vlr, the sketch in chunks of
 #                                                 # 4 and 2, digits sketch seeds 3-4
 #   bash experiments/gpu_tables.sh chunks OUTDIR  # exact GGCR in 8 and 16 chunks, the
-#                                                 # pair fraction with the base statistics
+#                                                 # pair fraction with the base statistics,
+#                                                 # the step's per-operation profile
 #
 # Wheels of the missing pure dependencies (grain, ml-collections, tensorflow-datasets, ...)
 # and of ggr_jax itself lie in .whl/ (pip download / pip wheel on a networked machine); a
@@ -63,6 +64,10 @@ if [ "$stage" = chunks ]; then
     --variants sum,ggcr_fast_chunks16,ggcr_fast_chunks8,ggcr_fast_eighth,ggcr_fast_quarter,ggcr_fast \
     --steps 10 --warmup 2 --json "$out/bench_wrn28_2_paper_chunks.json" 2>&1 \
     | grep -v cuda_timer | tee "$out/bench_chunks.txt"
+  # where the GPU step's time goes (ggr_jax.step_profile), FixMatch and FixMatch + GGR vlr
+  timeout 150 $ggr bench --workloads wrn28_2_paper --algorithms fixmatch --variants sum,vlr \
+    --steps 5 --warmup 2 --profile 20 --json "$out/profile_wrn28_2_paper.json" 2>&1 \
+    | grep -v cuda_timer | tee "$out/profile.txt"
   exit
 fi
 
