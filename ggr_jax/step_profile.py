@@ -16,8 +16,10 @@ HLO of the same program:
 
 Times are per step, summed over the operation's executions; while several operations
 are in flight at once (the runtime runs independent ones concurrently) their time is
-split equally among them, so the times add up to ``busy_ms``, the time the program had
-work in flight, at most the step's wall time (the rest: launch, host and transfers). XLA's
+split equally among them, so the times add up to ``busy_ms``, the time per step the
+program had work in flight (a mean over the traced steps; ``wall_ms`` is their median, so
+a slow step can put the first above the second; the rest of the wall time is launch,
+host and transfers). XLA's
 cost analysis gives no per-operation times, and no maintained Python package reads
 both XLA's trace and its HLO, hence the small parser here.
 """
@@ -150,13 +152,14 @@ def classify(op: Operation, opcodes: dict[str, set[str]],
 def _op_times(trace_dir: str, module: str) -> dict[str, float]:
   """Nanoseconds per ``hlo_op`` of ``module`` in the trace under ``trace_dir``, with the
   time during which several operations were in flight split equally among them (so the
-  times add up to the time the program had work in flight, at most its wall time).
+  times add up to the time the program had work in flight).
+  Where device planes (``/device:...``) carry operations, only theirs count.
 
   The CPU runtime's thunks may finish asynchronously (Eigen's convolutions run on its
   pool after the thunk returns): a start event carries a producer id ``_p``, and the
   ``end: ...`` event with the same consumer id ``_c`` marks completion; an operation is
   in flight from its start to its end event where there is one."""
-  intervals: list[tuple[float, float, str]] = []
+  by_plane: dict[str, list[tuple[float, float, str]]] = collections.defaultdict(list)
   for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
     for plane in ProfileData.from_file(path).planes:
       starts, ends = {}, {}
@@ -168,8 +171,11 @@ def _op_times(trace_dir: str, module: str) -> dict[str, float]:
             starts[key] = (str(stats["hlo_op"]), event.start_ns, event.duration_ns)
           elif event.name.startswith("end: ") and "_c" in stats:
             ends[stats["_c"]] = event.start_ns
-      intervals += [(start, start + max(duration, ends.get(key, start) - start), name)
-                    for key, (name, start, duration) in starts.items()]
+      by_plane[plane.name] += [(start, start + max(duration, ends.get(key, start) - start),
+                                name) for key, (name, start, duration) in starts.items()]
+  # on an accelerator the device's kernels, not the host's launches of them
+  device = [name for name, found in by_plane.items() if name.startswith("/device:") and found]
+  intervals = [i for name in (device or by_plane) for i in by_plane[name]]
   boundaries = sorted([(start, 1, i) for i, (start, _, _) in enumerate(intervals)]
                       + [(end, -1, i) for i, (_, end, _) in enumerate(intervals)])
   totals: dict[str, float] = collections.defaultdict(float)
