@@ -11,6 +11,7 @@ from flax import linen as nn
 
 from ggr_jax import consistency
 from ggr_jax.models import build_model
+from ggr_jax.models.layers import BatchNorm
 from ggr_jax.ssl.ggcr import encoder_scope
 from ggr_jax.train.state import make_apply_fn
 from tests.conftest import float64_convolutions_by_matmul
@@ -209,6 +210,33 @@ def test_frozen_statistics_change_no_value_and_decouple_rows():
   assert float(jnp.abs(coupled[1:]).max()) > 0  # BatchNorm couples the rows ...
   assert float(jnp.abs(frozen[1:]).max()) == 0.0  # ... unless its statistics are held
   assert float(jnp.abs(frozen[0]).max()) > 0
+
+
+def test_frozen_statistics_normalise_to_the_same_bits_as_differentiated_ones():
+  """XLA merges the exact geometry's forward (statistics held) with the loss's own
+  (statistics differentiated) only if both compute the same bits; with ``1 / sqrt`` it
+  rewrote the held one to ``rsqrt`` and ran every layer after the first twice."""
+  bn = BatchNorm()
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 4, 4, 512)) * jax.random.uniform(
+      jax.random.PRNGKey(1), (512,), minval=0.01, maxval=30.0)
+  variables = bn.init(jax.random.PRNGKey(2), x, use_running_average=True)
+  forward = lambda images: bn.apply(variables, images, use_running_average=False,
+                                    mutable=["batch_stats"])[0]
+
+  @jax.jit
+  def both(images):
+    held = lambda images: _frozen(forward, images)
+    (y, back), (y_held, back_held) = jax.vjp(forward, images), jax.vjp(held, images)
+    return y, y_held, back(jnp.ones_like(y))[0], back_held(jnp.ones_like(y))[0]
+
+  y, y_held, grad, grad_held = both(x)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_held))
+  assert float(jnp.abs(grad - grad_held).max()) > 0  # the derivatives do differ
+
+
+def _frozen(fn, *args):
+  with consistency.frozen_batch_statistics():
+    return fn(*args)
 
 
 def test_empty_scope_and_unsupported_layers_are_named():
