@@ -31,7 +31,8 @@ Keys (all optional; defaults in brackets):
   ``gc_penalty`` [cosine]: ``grad_norm`` for the paper's gradient-norm-penalty ablation;
   ``gc_pairs`` [1.0]: the share of the unlabeled pairs whose geometry enters ``L_g``;
   ``gc_chunks`` [1]: the exact geometry in that many chunks one after the other (less
-  memory, the same ``L_g``).
+  memory, the same ``L_g``); ``gc_statistics`` [through]: ``held`` keeps the batch
+  statistics constant in ``L_g``'s gradient too (``consistency.statistics``).
 * ``seed`` [0]: the labeled draw and every PRNG key of the run.
 * ``ggr`` [vlr]: ``sum`` (the plain SSL baseline), ``vlr``, ``osr``, ``csr``,
   ``pcgrad_sym``, ``conflict_drop``; ``osr``/``csr`` keep ``k = 10`` directions.
@@ -83,7 +84,7 @@ from ggr_jax.ssl import ggcr
 
 KEYS = ("algorithm", "dataset", "labels", "seed", "ggr", "anchor", "scope", "baseline",
         "gc_method", "gc_weight", "gc_warmup", "gc_sketch", "gc_penalty", "gc_pairs",
-        "gc_chunks", "meta", "mixup", "runlocal")
+        "gc_chunks", "gc_statistics", "meta", "mixup", "runlocal")
 OPEN_SET = ("digits", "cifar10", "cifar100_50", "cifar100_20", "imagenet30")
 CLOSED_SET = ("digits_closed", "cifar10_closed", "cifar100_closed", "svhn_closed", "imagenet")
 DATASETS = OPEN_SET + CLOSED_SET
@@ -210,7 +211,7 @@ def _algorithm_protocol(cfg: ml_collections.ConfigDict, algorithm: str, dataset:
 def _consistency(cfg: ml_collections.ConfigDict, cell: dict[str, str], algorithm: str) -> None:
   """The GGCR keys, refused for algorithms without gradient consistency."""
   keys = [key for key in ("gc_method", "gc_weight", "gc_warmup", "gc_sketch", "gc_penalty",
-                          "gc_pairs", "gc_chunks") if key in cell]
+                          "gc_pairs", "gc_chunks", "gc_statistics") if key in cell]
   if "consistency" not in cfg[algorithm]:
     if keys:
       raise ValueError(f"grid {', '.join(keys)} apply to the GGCR algorithms (ggcr, "
@@ -225,6 +226,7 @@ def _consistency(cfg: ml_collections.ConfigDict, cell: dict[str, str], algorithm
   gc.pair_fraction = _number(cell, "gc_pairs", gc.pair_fraction,
                              "the share of the unlabeled pairs in L_g")
   gc.pair_chunks = _integer(cell, "gc_chunks", gc.pair_chunks)
+  gc.statistics = _choice(cell, "gc_statistics", gc.statistics, ggcr.STATISTICS)
 
 
 def _metasemi(cfg: ml_collections.ConfigDict, cell: dict[str, str], dataset: str) -> None:

@@ -62,6 +62,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # per-sample geometry of each method; the ratio is to the algorithm's plain step
     "ggcr_vmap": dict(mode="sum", split_gradients=False, consistency=dict(method="vmap")),
     "ggcr_fast": dict(mode="sum", split_gradients=False, consistency=dict(method="exact")),
+    # the fast exact method with the batch statistics held in the second-order term too,
+    # so that its geometry takes a forward and backward pass of its own
+    "ggcr_fast_held": dict(mode="sum", split_gradients=False,
+                           consistency=dict(method="exact", statistics="held")),
     # the fast exact method keeping the convolutions' patches for the backward
     "ggcr_fast_keep_patches": dict(mode="sum", split_gradients=False,
                                    consistency=dict(method="exact", remat="off")),

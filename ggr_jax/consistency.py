@@ -30,10 +30,14 @@ gradients:
 ``losses_fn(params) -> (loss_w, loss_s)`` returns the ``(B,)`` per-sample losses of one
 batch forward. Per-sample gradients need independent rows: a BatchNorm layer in train
 mode couples them through its batch statistics, so every method evaluates ``losses_fn``
-under :func:`frozen_batch_statistics`, which holds the batch mean and variance constant
-(``stop_gradient``): ``g_i`` is then the gradient of sample ``i``'s own loss with the
-batch's statistics fixed, what ``jax.vmap(jax.grad(one_sample_loss))`` computes over a
-forward that normalises with the batch statistics.
+under :func:`frozen_batch_statistics`, which holds the batch mean and variance constant:
+``g_i`` is then the gradient of sample ``i``'s own loss with the batch's statistics
+fixed, what ``jax.vmap(jax.grad(one_sample_loss))`` computes over a forward that
+normalises with the batch statistics. ``statistics`` says what a gradient of the
+geometry (the second-order term) does with them: ``"held"`` keeps them constant there
+too (``stop_gradient``); ``"through"`` differentiates them (the geometry is a function
+of the parameters through the batch statistics as well, and its gradient is the total
+derivative, as a loss's on the same forward is). Both give the same ``g_i`` and values.
 
 The exact method reads the layers of Flax modules called inside ``losses_fn``:
 ``nn.Dense``, ``nn.Conv`` (any strides, padding given as a string or pairs, dilation;
@@ -47,6 +51,7 @@ method says which one is not and that ``"vmap"`` handles any model.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -59,6 +64,9 @@ PyTree = Any
 LossesFn = Callable[[PyTree], tuple[jax.Array, jax.Array]]
 SampleFn = Callable[[PyTree, PyTree], tuple[jax.Array, jax.Array]]
 METHODS = ("exact", "vmap", "sketch")
+STATISTICS = ("held", "through")
+# inside replayed_batch_statistics: the replayed statistics are already held as it says
+_REPLAYING = contextvars.ContextVar("replaying_batch_statistics", default=False)
 
 
 class ViewGeometry(NamedTuple):
@@ -81,21 +89,54 @@ def _is_normalization(module: nn.Module) -> bool:
       getattr(module, "normalize", None))
 
 
-def _freeze(next_fun, args, kwargs, context):
-  out = next_fun(*args, **kwargs)
-  if context.method_name == "batch_statistics" and _is_normalization(context.module):
-    return jax.tree.map(jax.lax.stop_gradient, out)
-  return out
+@jax.custom_jvp
+def held_for_first_derivative(x: PyTree) -> PyTree:
+  """The identity, whose innermost derivative is zero and whose higher ones are the
+  identity's: inside one more differentiation (a per-sample gradient's), the enclosing
+  one (the step's gradient) still differentiates ``x``.
+
+  "Innermost" is the innermost differentiation that ``x`` depends on: a value that does
+  not depend on the inner variable gets a zero derivative from the enclosing one (use
+  the identity there: the inner derivative does not reach it anyway).
+  """
+  return x
+
+
+@held_for_first_derivative.defjvp
+def _held_jvp(primals, tangents):
+  del tangents
+  (x,) = primals
+  return x, jax.tree.map(jnp.zeros_like, x)
+
+
+def _holder(statistics: str) -> Callable[[PyTree], PyTree]:
+  if statistics not in STATISTICS:
+    raise ValueError(f"statistics must be one of {STATISTICS}, got {statistics!r}.")
+  if statistics == "held":
+    return lambda tree: jax.tree.map(jax.lax.stop_gradient, tree)
+  return held_for_first_derivative
 
 
 @contextlib.contextmanager
-def frozen_batch_statistics():
-  """Inside, normalisation layers hold their batch statistics constant (no gradient).
+def frozen_batch_statistics(statistics: str = "held"):
+  """Inside, normalisation layers hold their batch statistics constant.
 
-  The forward values are unchanged; only the derivative through the batch mean and
-  variance is cut, which makes the rows of a batch forward independent.
+  The forward values are unchanged; the first derivative through the batch mean and
+  variance is cut, which makes the rows of a batch forward independent. ``"held"`` cuts
+  every derivative through them (``stop_gradient``); ``"through"`` only the innermost
+  (:func:`held_for_first_derivative`), so that the gradient of a function of the rows'
+  gradients still reaches the statistics.
   """
-  with nn.intercept_methods(_freeze):
+  hold = _holder(statistics)
+
+  def freeze(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if (context.method_name == "batch_statistics" and _is_normalization(context.module)
+        and not _REPLAYING.get()):
+      return hold(out)
+    return out
+
+  with nn.intercept_methods(freeze):
     yield
 
 
@@ -138,10 +179,13 @@ def single_forward_statistics(fn: Callable[..., Any], rows: int, *args, **kwargs
 
 
 @contextlib.contextmanager
-def replayed_batch_statistics(stats: dict[tuple, Any]):
-  """Inside, normalisation layers use ``stats`` (from :func:`recorded_batch_statistics`,
-  without gradient) in place of their own batch's statistics, so that a forward of one
-  sample normalises it exactly as the recorded batch forward did."""
+def replayed_batch_statistics(stats: dict[tuple, Any], statistics: str = "held"):
+  """Inside, normalisation layers use ``stats`` (from :func:`recorded_batch_statistics`)
+  in place of their own batch's statistics, so that a forward of one sample normalises
+  it exactly as the recorded batch forward did. They come from another forward, so no
+  per-sample derivative reaches them; ``"held"`` also cuts every other
+  (``stop_gradient``), ``"through"`` none."""
+  hold = (lambda tree: tree) if statistics == "through" else _holder(statistics)
   calls: dict[tuple, int] = {}
 
   def replay(next_fun, args, kwargs, context):
@@ -153,10 +197,14 @@ def replayed_batch_statistics(stats: dict[tuple, Any]):
     if (path, number) not in stats:
       raise ValueError(f"replayed batch statistics: {'/'.join(path)} call {number} was not "
                        "recorded; record the same forward that is replayed.")
-    return jax.tree.map(jax.lax.stop_gradient, stats[(path, number)])
+    return hold(stats[(path, number)])
 
-  with nn.intercept_methods(replay):
-    yield
+  token = _REPLAYING.set(True)
+  try:
+    with nn.intercept_methods(replay):
+      yield
+  finally:
+    _REPLAYING.reset(token)
 
 
 def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
@@ -164,7 +212,7 @@ def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
                   view_rows: tuple[jax.Array | slice, jax.Array | slice] | None = None,
                   microbatch: int | None = None, key: jax.Array | None = None,
                   sketch_dim: int = 64, sketch_chunk: int | None = None,
-                  remat: bool | None = None,
+                  remat: bool | None = None, statistics: str = "held",
                   sample_fn: SampleFn | None = None,
                   samples: PyTree = None, has_aux: bool = False
                   ) -> ViewGeometry | tuple[ViewGeometry, Any]:
@@ -192,6 +240,9 @@ def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
       everywhere but on the CPU). WRN-28-2 at the paper batch on an H200: 29% less
       memory for 15% more time; on the CPU it saves nothing and costs about 7%
       (experiments/README.md). Same numbers either way.
+    statistics: ``"held"`` or ``"through"``: whether a gradient of the result
+      differentiates the normalisation layers' batch statistics (the module docstring);
+      ``sample_fn`` must replay them in the same way.
     sample_fn: ``"vmap"`` only: ``(params, sample) -> (loss_w, loss_s)``, the two scalar
       losses of ONE sample, normalised as in the batch forward (e.g. under
       :func:`replayed_batch_statistics`); with it the per-sample gradients are
@@ -220,6 +271,7 @@ def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+  _holder(statistics)
   mask = _scope_mask(scope, params)
   if not any(jax.tree.leaves(mask)):
     raise ValueError("view_geometry: the scope selects no parameter; per-sample gradients "
@@ -231,7 +283,7 @@ def view_geometry(losses_fn: LossesFn, params: PyTree, *, method: str = "exact",
     raise ValueError(f"sketch_dim must be a positive integer, got {sketch_dim!r}.")
 
   def frozen(p):  # -> ((loss_w, loss_s), aux)
-    with frozen_batch_statistics():
+    with frozen_batch_statistics(statistics):
       out = losses_fn(p)
     return out if has_aux else (out, None)
 

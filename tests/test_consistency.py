@@ -40,8 +40,13 @@ def _problem(name, dtype):
   return losses, params, rows
 
 
-def _one_sample_problem(name, dtype):
-  """The same losses as ``_problem``, one sample at a time with the batch statistics replayed."""
+def _one_sample_problem(name, dtype, statistics="held"):
+  """The same losses as ``_problem``, one sample at a time with the batch statistics replayed.
+
+  The last value, ``params -> (sample_fn, samples)``, records the statistics from the
+  forward at those parameters, so that a gradient through it reaches them (as
+  ``statistics="through"`` says) unless they are replayed ``"held"``.
+  """
   backbone, side, channels, n_lb, n = MODELS[name]
   losses, params, rows = _problem(name, dtype)
   model = build_model(backbone, 6, "none")
@@ -49,17 +54,21 @@ def _one_sample_problem(name, dtype):
   stats, apply_fn = variables["batch_stats"], make_apply_fn(model)
   x = jax.random.normal(jax.random.PRNGKey(1), (n_lb + 2 * n, side, side, channels), dtype)
   x = x.at[n_lb + n:].multiply(1.5)
-  (out, _), recorded = consistency.recorded_batch_statistics(apply_fn, params, stats, x, True)
-  yhat = jnp.argmax(out["logits"][rows[0]], -1)
   ce = optax.softmax_cross_entropy_with_integer_labels
 
-  def sample_fn(p, sample):
-    x_w, x_s, label = sample
-    with consistency.replayed_batch_statistics(recorded):
-      logits = apply_fn(p, stats, jnp.stack([x_w, x_s]), True)[0]["logits"]
-    return ce(logits[0], label), ce(logits[1], label)
+  def at(params_):
+    (out, _), recorded = consistency.recorded_batch_statistics(apply_fn, params_, stats, x, True)
+    yhat = jnp.argmax(jax.lax.stop_gradient(out["logits"][rows[0]]), -1)
 
-  return losses, params, rows, sample_fn, (x[rows[0]], x[rows[1]], yhat)
+    def sample_fn(p, sample):
+      x_w, x_s, label = sample
+      with consistency.replayed_batch_statistics(recorded, statistics):
+        logits = apply_fn(p, stats, jnp.stack([x_w, x_s]), True)[0]["logits"]
+      return ce(logits[0], label), ce(logits[1], label)
+
+    return sample_fn, (x[rows[0]], x[rows[1]], yhat)
+
+  return losses, params, rows, at
 
 
 @pytest.fixture(params=["float32", "float64"])
@@ -92,7 +101,8 @@ def test_exact_equals_the_vmap_definition(name, dtype):
 
 @pytest.mark.parametrize("name, dtype", CASES, indirect=["dtype"])
 def test_vmap_of_one_sample_gradients_with_replayed_statistics_equals_exact(name, dtype):
-  losses, params, rows, sample_fn, samples = _one_sample_problem(name, dtype)
+  losses, params, rows, at = _one_sample_problem(name, dtype)
+  sample_fn, samples = at(params)
   exact = jax.jit(lambda p: consistency.view_geometry(losses, p, scope=encoder_scope,
                                                       view_rows=rows))(params)
   per_sample = jax.jit(lambda p: consistency.view_geometry(
@@ -112,24 +122,64 @@ def test_replaying_statistics_of_another_forward_is_refused():
       apply_fn(variables["params"], variables["batch_stats"], jnp.zeros((2, 8, 8, 1)), True)
 
 
+def _flat(tree):
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
 @pytest.mark.parametrize("dtype", ["float64"], indirect=True)
-def test_second_order_gradients_agree_between_exact_and_vmap(dtype):
-  losses, params, rows = _problem("cnn", dtype)
+@pytest.mark.parametrize("statistics", consistency.STATISTICS)
+def test_second_order_gradients_agree_between_exact_and_vmap(dtype, statistics):
+  """With the statistics ``"through"``, the one-sample reference records them from the
+  differentiated parameters and replays them plainly: ``jax.grad`` reaches them by
+  itself, with no rule for the innermost derivative, and the others must agree."""
+  losses, params, rows, at = _one_sample_problem("cnn", dtype, statistics)
 
   def grad(method, **kw):
     def objective(p):
-      cos = consistency.view_geometry(losses, p, scope=encoder_scope, method=method, **kw).cos
+      extra = dict(zip(("sample_fn", "samples"), at(p))) if kw.pop("one", False) else {}
+      cos = consistency.view_geometry(losses, p, scope=encoder_scope, method=method,
+                                      statistics=statistics, **kw, **extra).cos
       return jnp.mean(1.0 - cos)
     return jax.jit(jax.grad(objective))(params)
 
   exact, ref = grad("exact", view_rows=rows), grad("vmap", microbatch=4)
-  _, _, _, sample_fn, samples = _one_sample_problem("cnn", dtype)
-  one = grad("vmap", sample_fn=sample_fn, samples=samples)
-  rtol = 1e-3 if dtype == jnp.float32 else 1e-9
-  flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
-  np.testing.assert_allclose(flat(exact), flat(ref), rtol=rtol, atol=rtol * np.abs(flat(ref)).max())
-  np.testing.assert_allclose(flat(one), flat(ref), rtol=rtol, atol=rtol * np.abs(flat(ref)).max())
-  assert np.abs(flat(ref)).max() > 0  # the regulariser has a gradient only through 2nd order
+  one = grad("vmap", one=True)
+  rtol = 1e-9
+  for other in (exact, one):
+    np.testing.assert_allclose(_flat(other), _flat(ref), rtol=rtol,
+                               atol=rtol * np.abs(_flat(ref)).max())
+  assert np.abs(_flat(ref)).max() > 0  # the regulariser has a gradient only through 2nd order
+
+
+@pytest.mark.parametrize("dtype", ["float64"], indirect=True)
+def test_statistics_through_differ_from_held_only_by_the_statistics_path(dtype):
+  """On a BatchNorm network the two second-order terms differ; on the same network
+  evaluated with fixed (running) statistics, where nothing depends on the batch, they
+  are equal: the difference is the statistics' dependence on the parameters."""
+  losses, params, rows = _problem("cnn", dtype)
+
+  def grad(losses_fn, statistics):
+    objective = lambda p: jnp.mean(1.0 - consistency.view_geometry(
+        losses_fn, p, scope=encoder_scope, view_rows=rows, statistics=statistics).cos)
+    return _flat(jax.jit(jax.grad(objective))(params))
+
+  held, through = grad(losses, "held"), grad(losses, "through")
+  assert np.abs(held - through).max() > 1e-3 * np.abs(held).max()
+  np.testing.assert_allclose(jnp.mean(jnp.abs(held)), jnp.mean(jnp.abs(through)), rtol=0.5)
+
+  backbone, side, channels, n_lb, n = MODELS["cnn"]
+  model = build_model(backbone, 6, "none")
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, side, side, channels)), train=False)
+  apply_fn = make_apply_fn(model)
+  x = jax.random.normal(jax.random.PRNGKey(1), (n_lb + 2 * n, side, side, channels), dtype)
+  ce = optax.softmax_cross_entropy_with_integer_labels
+
+  def running(p):  # eval mode: the running statistics, the same for every batch
+    logits = apply_fn(p, variables["batch_stats"], x, False)[0]["logits"]
+    yhat = jnp.argmax(jax.lax.stop_gradient(logits[rows[0]]), -1)
+    return ce(logits[rows[0]], yhat), ce(logits[rows[1]], yhat)
+
+  np.testing.assert_array_equal(grad(running, "held"), grad(running, "through"))
 
 
 @pytest.mark.parametrize("dtype", ["float64"], indirect=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,6 +95,7 @@ def test_the_confident_mask_drops_unconfident_samples(split):
     ("pair_fraction", 1.5, "ggcr.consistency.pair_fraction"),
     ("pair_fraction", 0.3, "ggcr.consistency.pair_fraction"),
     ("pair_chunks", 0, "ggcr.consistency.pair_chunks"),
+    ("statistics", "frozen", "ggcr.consistency.statistics"),
     ("pair_chunks", -1, "ggcr.consistency.pair_chunks"),
 ])
 def test_bad_settings_name_the_field(field, value, message):
@@ -157,27 +160,35 @@ def test_every_method_gives_the_same_consistency_through_the_algorithm(split):
                              float(out["vmap"].auxiliary["gc"]), rtol=1e-4, atol=1e-7)
 
 
-def _ggcr_losses_fn(split, **consistency):
-  """``params -> Losses`` of GGCR on one augmented digits batch, and the initial params."""
-  cfg = _config("ggcr", **consistency)
-  model = build_model("cnn", split.num_classes, ssl.head("ggcr"))
+def _context(split, algorithm="ggcr", **consistency):
+  """The :class:`LossContext` of ``algorithm`` on one augmented digits batch at init."""
+  cfg = _config(algorithm, **consistency)
+  model = build_model("cnn", split.num_classes, ssl.head(algorithm))
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)), train=False)
   views = step_lib.make_views(cfg, split.mean, split.std, None)
   data = {"x_labeled": split.x_labeled, "y_labeled": split.y_labeled.astype(np.int32),
           "x_unlabeled": split.x_unlabeled, "unlabeled_is_id": split.unlabeled_is_id}
   batch = views(jax.random.PRNGKey(1), 0, data, jnp.ones(split.x_unlabeled.shape[0], bool))
-  apply_fn, algo_cfg = step_lib.make_apply_fn(model), step_lib.algorithm_config(cfg)
-  fn = lambda p: ssl.get("ggcr").losses(LossContext(
-      apply_fn, p, variables["batch_stats"], batch, jax.random.PRNGKey(2), 0, algo_cfg))
-  return fn, variables["params"], batch["x_ulb_w"].shape[0]
+  return LossContext(step_lib.make_apply_fn(model), variables["params"],
+                     variables["batch_stats"], batch, jax.random.PRNGKey(2), 0,
+                     step_lib.algorithm_config(cfg))
 
 
-@pytest.mark.parametrize("method", ["exact", "vmap"])
-def test_a_pair_fraction_measures_its_pairs_as_the_whole_batch_does(split, method):
+def _ggcr_losses_fn(split, **consistency):
+  """``params -> Losses`` of GGCR on one augmented digits batch, and the initial params."""
+  ctx = _context(split, **consistency)
+  fn = lambda p: ssl.get("ggcr").losses(dataclasses.replace(ctx, params=p))
+  return fn, ctx.params, ctx.batch["x_ulb_w"].shape[0]
+
+
+@pytest.mark.parametrize("method, statistics",
+                         [("exact", "through"), ("vmap", "through"), ("exact", "held")])
+def test_a_pair_fraction_measures_its_pairs_as_the_whole_batch_does(split, method, statistics):
   """Every k-th pair, forwarded alone with the joint forward's statistics, gives the
   same per-pair terms and gradients as in the whole batch; L_g is their mean."""
-  full_fn, params, size = _ggcr_losses_fn(split, method=method)
-  part_fn, _, _ = _ggcr_losses_fn(split, method=method, pair_fraction=0.25)
+  full_fn, params, size = _ggcr_losses_fn(split, method=method, statistics=statistics)
+  part_fn, _, _ = _ggcr_losses_fn(split, method=method, pair_fraction=0.25,
+                                  statistics=statistics)
   assert ggcr.pair_stride(0.25) == 4 and ggcr.pair_stride(1 / 3) == 3
   pairs = len(range(0, size, 4))
   assert 1 < pairs < size
@@ -224,3 +235,42 @@ def test_chunks_that_do_not_divide_the_pairs_are_refused(split):
   assert size % 5
   with pytest.raises(ValueError, match="consistency.pair_chunks"):
     jax.eval_shape(fn, params)
+
+
+def test_the_geometry_on_the_loss_forward_gives_the_step_of_separate_forwards(split,
+                                                                              monkeypatch):
+  """With the statistics "through", GGCR measures its geometry on FixMatch's own forward
+  (one forward, one backward pass for both): the same losses, new BatchNorm statistics
+  and gradient as a forward of its own, and fewer FLOPs (XLA's count)."""
+  def step(fn, params):
+    total = lambda p: (lambda out: (out.sup + out.aux, out))(fn(p))
+    return jax.jit(jax.value_and_grad(total, has_aux=True)).lower(params)
+
+  shared_fn, params, _ = _ggcr_losses_fn(split)
+  shared = step(shared_fn, params)
+  monkeypatch.setattr(ggcr, "shares_the_forward", lambda *args: False)
+  separate = step(shared_fn, params)
+  monkeypatch.undo()
+  held_fn, _, _ = _ggcr_losses_fn(split, statistics="held")
+  held = step(held_fn, params)
+  flops = {name: s.compile().cost_analysis()["flops"]
+           for name, s in (("shared", shared), ("separate", separate), ("held", held))}
+  assert flops["shared"] < 0.9 * min(flops["separate"], flops["held"])
+
+  (value, out), grad = shared.compile()(params)
+  (value_sep, out_sep), grad_sep = separate.compile()(params)
+  assert float(out.auxiliary["gc"]) > 0
+  np.testing.assert_allclose(value, value_sep, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves((out.model_state, out.sample_aux, grad)),
+                  jax.tree.leaves((out_sep.model_state, out_sep.sample_aux, grad_sep))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_the_forward_is_shared_only_when_the_algorithm_runs_one(split):
+  """FixMatch and IOMatch forward the pair once; OpenMatch forwards more than once."""
+  shared = {}
+  for name, base in (("ggcr", "fixmatch"), ("iomatch_ggcr", "iomatch"),
+                     ("openmatch_ggcr", "openmatch")):
+    shared[name] = ggcr.shares_the_forward(ssl.get(base).losses, _context(split, name),
+                                           ssl.get(name).view_pair)
+  assert shared == {"ggcr": True, "iomatch_ggcr": True, "openmatch_ggcr": False}

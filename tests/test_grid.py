@@ -94,6 +94,7 @@ def test_every_paper_cell_is_a_valid_config_with_its_own_values():
     ("algorithm=ggcr,gc_penalty=grad_norm", "ggcr.consistency.penalty", "grad_norm"),
     ("algorithm=ggcr,gc_pairs=0.25", "ggcr.consistency.pair_fraction", 0.25),
     ("algorithm=ggcr,gc_chunks=16", "ggcr.consistency.pair_chunks", 16),
+    ("algorithm=ggcr,gc_statistics=held", "ggcr.consistency.statistics", "held"),
     ("algorithm=ggcr,gc_warmup=0", "ggcr.consistency.warmup_steps", 0),
     ("algorithm=ggcr", "ggcr.consistency.method", "exact"),
     ("dataset=cifar10,algorithm=openmatch_ggcr", "ggr.start_step", 10240),
@@ -127,6 +128,7 @@ def test_each_dataset_gets_its_official_protocol(cell, field, value):
     ("algorithm=ggcr,gc_method=loop", "choose one of exact, sketch, vmap"),
     ("algorithm=ggcr,gc_weight=big", "must be a number"),
     ("algorithm=ggcr,gc_pairs=half", "must be a number"),
+    ("algorithm=ggcr,gc_statistics=frozen", "choose one of held, through"),
     ("algorithm=ggcr,gc_chunks=two", "must be a non-negative integer"),
 ])
 def test_bad_cells_name_the_key_and_the_choices(cell, message):

@@ -10,7 +10,8 @@ is the effect of ``L_g``. ``ggcr_grad_norm`` is the paper's ablation with a
 gradient-norm penalty in place of the cosine (``gc_penalty=grad_norm``; at lambda 0.1
 and 0.01, since its scale is not the cosine's). ``ggcr_exact_quarter`` and
 ``ggcr_exact_eighth`` measure ``L_g`` on a quarter and an eighth of the pairs
-(``gc_pairs``). A last row, ``fixmatch_gc_monitor`` (GGCR with lambda 0),
+(``gc_pairs``). ``ggcr_exact_held`` keeps the batch statistics constant in ``L_g``'s
+gradient too (``gc_statistics=held``, the default before 2026-12-04). A last row, ``fixmatch_gc_monitor`` (GGCR with lambda 0),
 trains exactly as FixMatch and logs the gradient consistency it never optimises, the
 control for GGCR's logged ``GC``.
 
@@ -45,6 +46,9 @@ VARIANTS = [  # (name, grid cell)
     # 2026-12-04): an unbiased estimate of L_g at a fraction of its cost
     ("ggcr_exact_quarter", "algorithm=ggcr,ggr=sum,gc_method=exact,gc_pairs=0.25"),
     ("ggcr_exact_eighth", "algorithm=ggcr,ggr=sum,gc_method=exact,gc_pairs=0.125"),
+    # the batch statistics held in L_g's gradient too, the default until 2026-12-04
+    # (the default, "through", differentiates them and shares FixMatch's forward)
+    ("ggcr_exact_held", "algorithm=ggcr,ggr=sum,gc_method=exact,gc_statistics=held"),
     # a control: FixMatch's training (lambda 0) with the cosines measured and logged
     ("fixmatch_gc_monitor", "algorithm=ggcr,ggr=sum,gc_method=exact,gc_weight=0"),
 ]

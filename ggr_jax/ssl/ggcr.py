@@ -23,7 +23,13 @@ so ``lambda`` does not carry over). Its
 gradient includes the second-order term through the per-sample gradients (``jax.grad``
 through :func:`ggr_jax.consistency.view_geometry`), without which it would contribute
 nothing. Per-sample gradients hold the BatchNorm batch statistics of the pair's forward
-constant (:func:`ggr_jax.consistency.frozen_batch_statistics`).
+constant (:func:`ggr_jax.consistency.frozen_batch_statistics`). ``statistics``: in the
+gradient of ``L_g``, ``"through"`` (the default) differentiates those statistics (the
+total derivative, as the base loss's gradient is), which lets the geometry be measured
+on the base loss's own forward when the algorithm runs one (FixMatch, IOMatch;
+:func:`shares_the_forward`): one forward and one backward pass serve both, a third fewer
+FLOPs than ``"held"``, which keeps the statistics constant there too and gives the
+geometry a forward and backward pass of its own (the same values, another gradient).
 
 :func:`with_gradient_consistency` adds ``lambda * L_g`` (after ``warmup_steps``) to any
 algorithm with a :class:`~ggr_jax.ssl.interface.ViewPair`, as the auxiliary term ``gc``
@@ -42,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import linen as nn
 
 from ggr_jax import consistency
 from ggr_jax.ssl import fixmatch, iomatch, openmatch
@@ -53,13 +60,14 @@ ROLES = ("auxiliary", "supervised")
 # consistency.remat -> view_geometry(remat=): "auto" rebuilds patches except on the CPU
 REMAT = {"auto": None, "on": True, "off": False}
 SCOPES = ("encoder", "backbone", "all")
+STATISTICS = consistency.STATISTICS
 
 
 def consistency_config() -> ml_collections.ConfigDict:
   """The ``consistency`` sub-block: the paper's values (lambda 0.1, 1,000 warm-up steps)."""
   return ml_collections.ConfigDict(dict(
       weight=0.1, warmup_steps=1000, tau=0.95, mask="confident", penalty="cosine",
-      method="exact", pair_fraction=1.0, pair_chunks=1,
+      method="exact", statistics="through", pair_fraction=1.0, pair_chunks=1,
       scope="encoder", sketch_dim=64, sketch_chunk=0, remat="auto", microbatch=0,
       role="auxiliary"))
 
@@ -97,7 +105,8 @@ def pair_stride(fraction: float) -> int | None:
 
 
 def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False,
-                stride: int = 1, forward_stats: dict | None = None) -> PairLosses:
+                stride: int = 1, forward_stats: dict | None = None,
+                statistics: str = "held") -> PairLosses:
   """The per-sample losses GGCR differentiates, and the pseudo-labels they use.
 
   ``losses_fn`` is one train-mode forward of the views ``pair.forward``; the hard
@@ -111,7 +120,8 @@ def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False,
   the joint forward's statistics (replayed in the same way): each of their losses is
   the one the joint forward gives. ``forward_stats``, the statistics of the base loss's
   own forward of ``pair.forward`` (:func:`~ggr_jax.consistency.single_forward_statistics`),
-  spare the subset the recording forward.
+  spare the subset the recording forward. Replayed statistics are held as
+  ``statistics`` says (:func:`ggr_jax.consistency.frozen_batch_statistics`).
   """
   batch = ctx.batch
   parts = [batch[name] for name in pair.forward]
@@ -127,10 +137,10 @@ def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False,
   if subset and not one_sample and forward_stats is not None:
     stats = forward_stats
   elif one_sample or subset:
-    outputs, stats = _joint_statistics(ctx, x)
+    outputs, stats = _joint_statistics(ctx, x, statistics)
   if subset:
     losses_fn, (rows_w, rows_s) = _replayed_losses(ctx, stats, batch[pair.weak][::stride],
-                                                   batch[pair.strong][::stride])
+                                                   batch[pair.strong][::stride], statistics)
   else:
     def losses_fn(params):
       out = ctx.apply_fn(params, ctx.model_state, x, True)[0]["logits"]
@@ -144,7 +154,7 @@ def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False,
 
   def sample_fn(params, sample):
     x_w, x_s, label = sample
-    with consistency.replayed_batch_statistics(stats):
+    with consistency.replayed_batch_statistics(stats, statistics):
       out = ctx.apply_fn(params, ctx.model_state, jnp.stack([x_w, x_s]), True)[0]["logits"]
     return ce(out[0], label), ce(out[1], label)
 
@@ -152,11 +162,12 @@ def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False,
                     (batch[pair.weak][::every], batch[pair.strong][::every], yhat))
 
 
-def _joint_statistics(ctx: LossContext, x: jax.Array):
-  """The outputs and the recorded batch statistics of a train-mode forward of ``x``,
-  without gradient (a recording forward of its own)."""
+def _joint_statistics(ctx: LossContext, x: jax.Array, statistics: str):
+  """The outputs and the recorded batch statistics of a train-mode forward of ``x`` (a
+  recording forward of its own; without gradient unless ``statistics="through"``)."""
+  params = ctx.params if statistics == "through" else jax.lax.stop_gradient(ctx.params)
   (outputs, _), stats = consistency.recorded_batch_statistics(
-      ctx.apply_fn, jax.lax.stop_gradient(ctx.params), ctx.model_state, x, True)
+      ctx.apply_fn, params, ctx.model_state, x, True)
   return outputs, stats
 
 
@@ -167,14 +178,15 @@ def _view_losses(logits: jax.Array, rows_w: slice, rows_s: slice):
   return (ce(logits[rows_w], yhat), ce(logits[rows_s], yhat)), probs
 
 
-def _replayed_losses(ctx: LossContext, stats: dict, weak: jax.Array, strong: jax.Array):
+def _replayed_losses(ctx: LossContext, stats: dict, weak: jax.Array, strong: jax.Array,
+                     statistics: str):
   """``losses_fn`` of the pairs ``(weak, strong)`` forwarded alone, normalised with the
   joint forward's replayed ``stats``, and the two views' rows in that forward."""
   x, n = jnp.concatenate([weak, strong]), weak.shape[0]
   rows = (slice(0, n), slice(n, 2 * n))
 
   def losses_fn(params):
-    with consistency.replayed_batch_statistics(stats):
+    with consistency.replayed_batch_statistics(stats, statistics):
       out = ctx.apply_fn(params, ctx.model_state, x, True)[0]["logits"]
     return _view_losses(out, *rows)
 
@@ -190,7 +202,8 @@ def _chunked_exact_geometry(ctx: LossContext, pair: ViewPair, cfg: ml_collection
   chunks = cfg.pair_chunks
   stats = forward_stats
   if stats is None:
-    _, stats = _joint_statistics(ctx, jnp.concatenate([ctx.batch[n] for n in pair.forward]))
+    _, stats = _joint_statistics(ctx, jnp.concatenate([ctx.batch[n] for n in pair.forward]),
+                                 cfg.statistics)
   weak, strong = ctx.batch[pair.weak][::stride], ctx.batch[pair.strong][::stride]
   pairs = weak.shape[0]
   if pairs % chunks:
@@ -200,10 +213,10 @@ def _chunked_exact_geometry(ctx: LossContext, pair: ViewPair, cfg: ml_collection
 
   @jax.checkpoint
   def one_chunk(params, views):
-    losses_fn, rows = _replayed_losses(ctx, stats, *views)
+    losses_fn, rows = _replayed_losses(ctx, stats, *views, cfg.statistics)
     geometry, probs = consistency.view_geometry(
         losses_fn, params, method="exact", scope=scope, view_rows=rows,
-        remat=REMAT[cfg.remat], has_aux=True)
+        remat=REMAT[cfg.remat], statistics=cfg.statistics, has_aux=True)
     return geometry.cos, geometry.sq_w, geometry.sq_s, probs
 
   # chunk j holds pairs j, j + chunks, ...: a strided split, as pair_fraction's
@@ -224,32 +237,97 @@ def scope_of(cfg: ml_collections.ConfigDict, params: Any):
 
 
 def gradient_consistency(ctx: LossContext, pair: ViewPair, cfg: ml_collections.ConfigDict,
-                         forward_stats: dict | None = None
-                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(terms, GC, confident)``, each ``(P,)``: ``terms = m_u (1 - GC(u)) / P`` (or
-  ``m_u (||g_w(u)||^2 + ||g_s(u)||^2) / (2 P)`` with ``penalty="grad_norm"``), over
-  every ``k``-th image of the batch for ``pair_fraction = 1 / k`` (:func:`pair_stride`;
-  all by default), ``P`` of them. The sampler draws the batch at random, so ``k > 1``
-  gives an unbiased estimate of ``L_g`` and of its gradient, at about ``1 / k`` of the
-  geometry's cost."""
+                         forward_stats: dict | None = None, base_losses: Callable | None = None
+                         ) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
+  """``(terms, GC, confident, base)``, the first three ``(P,)``: ``terms = m_u (1 - GC(u))
+  / P`` (or ``m_u (||g_w(u)||^2 + ||g_s(u)||^2) / (2 P)`` with ``penalty="grad_norm"``),
+  over every ``k``-th image of the batch for ``pair_fraction = 1 / k``
+  (:func:`pair_stride`; all by default), ``P`` of them. The sampler draws the batch at
+  random, so ``k > 1`` gives an unbiased estimate of ``L_g`` and of its gradient, at about
+  ``1 / k`` of the geometry's cost.
+
+  With ``base_losses`` (``ctx -> Losses``, one forward of ``pair.forward``: see
+  :func:`shares_the_forward`) the geometry is measured on that forward itself and
+  ``base`` is its result; otherwise ``base`` is None."""
   stride = pair_stride(cfg.pair_fraction) or 1
-  if cfg.pair_chunks > 1:
+  key = jax.random.fold_in(ctx.rng, 17) if ctx.rng is not None else jax.random.PRNGKey(0)
+  options = dict(method=cfg.method, scope=scope_of(cfg, ctx.params),
+                 microbatch=cfg.microbatch or None, key=key, sketch_dim=cfg.sketch_dim,
+                 sketch_chunk=cfg.sketch_chunk or None, remat=REMAT[cfg.remat],
+                 statistics=cfg.statistics, has_aux=True)
+  base = None
+  if base_losses is not None:
+    rows = _view_rows(ctx, pair)
+
+    def losses_fn(params):
+      out, logits = _with_logits(base_losses, dataclasses.replace(ctx, params=params))
+      view_losses, probs = _view_losses(logits[0], *rows)
+      return view_losses, (probs, out)
+
+    geometry, (probs, base) = consistency.view_geometry(losses_fn, ctx.params,
+                                                        view_rows=rows, **options)
+    gc, sq_w, sq_s = geometry.cos, geometry.sq_w, geometry.sq_s
+  elif cfg.pair_chunks > 1:
     gc, sq_w, sq_s, probs = _chunked_exact_geometry(ctx, pair, cfg, stride, forward_stats)
   else:
     pl = pair_losses(ctx, pair, one_sample=cfg.method == "vmap", stride=stride,
-                     forward_stats=forward_stats)
-    key = jax.random.fold_in(ctx.rng, 17) if ctx.rng is not None else jax.random.PRNGKey(0)
+                     forward_stats=forward_stats, statistics=cfg.statistics)
     geometry, probs = consistency.view_geometry(
-        pl.losses_fn, ctx.params, method=cfg.method, scope=scope_of(cfg, ctx.params),
-        view_rows=pl.rows, microbatch=cfg.microbatch or None, key=key,
-        sketch_dim=cfg.sketch_dim, sketch_chunk=cfg.sketch_chunk or None,
-        remat=REMAT[cfg.remat],
-        sample_fn=pl.sample_fn, samples=pl.samples, has_aux=True)
+        pl.losses_fn, ctx.params, view_rows=pl.rows, sample_fn=pl.sample_fn,
+        samples=pl.samples, **options)
     gc, sq_w, sq_s = geometry.cos, geometry.sq_w, geometry.sq_s
   confident = jnp.max(probs, axis=-1) > cfg.tau
   weight = confident.astype(gc.dtype) if cfg.mask == "confident" else jnp.ones_like(gc)
   per_sample = (1.0 - gc) if cfg.penalty == "cosine" else (sq_w + sq_s) / 2
-  return weight * per_sample / gc.shape[0], gc, confident
+  return weight * per_sample / gc.shape[0], gc, confident, base
+
+
+def _with_logits(losses: Callable, ctx: LossContext):
+  """``losses(ctx)`` and the logits of every call of the top module in it."""
+  logits = []
+
+  def capture(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and not tuple(context.module.path):
+      logits.append(out["logits"] if isinstance(out, dict) and "logits" in out else None)
+    return out
+
+  with nn.intercept_methods(capture):
+    result = losses(ctx)
+  return result, logits
+
+
+def _view_rows(ctx: LossContext, pair: ViewPair) -> tuple[slice, slice]:
+  """The weak and the strong view's rows in the joint forward of ``pair.forward``."""
+  sizes = [ctx.batch[name].shape[0] for name in pair.forward]
+  starts = {name: sum(sizes[:i]) for i, name in enumerate(pair.forward)}
+  size = ctx.batch[pair.weak].shape[0]
+  return tuple(slice(starts[name], starts[name] + size) for name in (pair.weak, pair.strong))
+
+
+def shares_the_forward(losses: Callable, ctx: LossContext, pair: ViewPair) -> bool:
+  """Whether ``losses(ctx)`` is one forward of ``pair.forward`` (the top module called
+  once, on those rows, returning logits, and no layer called twice), so that GGCR can
+  measure its geometry on that forward and differentiate both in one backward pass."""
+  rows = sum(ctx.batch[name].shape[0] for name in pair.forward)
+  calls: dict[tuple, int] = {}
+  top_rows: list = []
+
+  def count(next_fun, args, kwargs, context):
+    if context.method_name == "__call__":
+      path = tuple(context.module.path)
+      calls[path] = calls.get(path, 0) + 1
+      if not path:
+        top_rows.append(jnp.shape(args[0])[0] if args else None)
+    return next_fun(*args, **kwargs)
+
+  def probe(params):
+    with nn.intercept_methods(count):
+      result, logits = _with_logits(losses, dataclasses.replace(ctx, params=params))
+    return result, [l for l in logits if l is not None]
+
+  _, logits = jax.eval_shape(probe, ctx.params)
+  return top_rows == [rows] and len(logits) == 1 and max(calls.values()) == 1
 
 
 def diagnostics(gc: jax.Array, confident: jax.Array, is_id: jax.Array | None) -> dict:
@@ -290,8 +368,13 @@ def with_gradient_consistency(base: Algorithm, name: str,
   def losses(ctx: LossContext) -> Losses:
     ccfg = ctx.cfg.consistency
     stride = pair_stride(ccfg.pair_fraction) or 1
-    forward_stats = None
-    if (stride > 1 or ccfg.pair_chunks > 1) and ccfg.method != "vmap":
+    forward_stats, out = None, None
+    # one forward for the base loss and the geometry, differentiated in one backward pass
+    shared = (ccfg.statistics == "through" and stride == 1 and ccfg.pair_chunks == 1
+              and ccfg.method != "vmap" and shares_the_forward(base.losses, ctx, pair))
+    if shared:
+      pass
+    elif (stride > 1 or ccfg.pair_chunks > 1) and ccfg.method != "vmap":
       # a subset or a chunk reuses the base forward's statistics
       rows = sum(ctx.batch[name].shape[0] for name in pair.forward)
       out, forward_stats = consistency.single_forward_statistics(base.losses, rows, ctx)
@@ -301,7 +384,9 @@ def with_gradient_consistency(base: Algorithm, name: str,
     # Computed at every step and switched off by a factor: under the step's jax.vjp a
     # lax.cond around the second-order computation runs ~15x slower on CPU (measured),
     # and the warm-up is 0.1% of the paper's schedule.
-    terms, gc, confident = gradient_consistency(ctx, pair, ccfg, forward_stats)
+    terms, gc, confident, shared_out = gradient_consistency(
+        ctx, pair, ccfg, forward_stats, base.losses if shared else None)
+    out = shared_out if shared else out
     pair_id = ctx.batch.get(pair.is_id_key)
     pair_id = None if pair_id is None else pair_id[::stride]  # the measured pairs
     terms = jnp.where(on, terms, 0.0)
@@ -328,6 +413,7 @@ def with_gradient_consistency(base: Algorithm, name: str,
     ccfg = cfg.consistency
     for field, allowed in (("mask", MASKS), ("penalty", PENALTIES), ("role", ROLES),
                            ("scope", SCOPES), ("method", consistency.METHODS),
+                           ("statistics", STATISTICS),
                            ("remat", tuple(REMAT))):
       if ccfg[field] not in allowed:
         fail(f"consistency.{field}", ccfg[field], f"choose one of {', '.join(allowed)}")
