@@ -174,10 +174,10 @@ def _context(split, algorithm="ggcr", **consistency):
                      step_lib.algorithm_config(cfg))
 
 
-def _ggcr_losses_fn(split, **consistency):
+def _ggcr_losses_fn(split, algorithm="ggcr", **consistency):
   """``params -> Losses`` of GGCR on one augmented digits batch, and the initial params."""
-  ctx = _context(split, **consistency)
-  fn = lambda p: ssl.get("ggcr").losses(dataclasses.replace(ctx, params=p))
+  ctx = _context(split, algorithm, **consistency)
+  fn = lambda p: ssl.get(algorithm).losses(dataclasses.replace(ctx, params=p))
   return fn, ctx.params, ctx.batch["x_ulb_w"].shape[0]
 
 
@@ -237,21 +237,22 @@ def test_chunks_that_do_not_divide_the_pairs_are_refused(split):
     jax.eval_shape(fn, params)
 
 
-def test_the_geometry_on_the_loss_forward_gives_the_step_of_separate_forwards(split,
-                                                                              monkeypatch):
-  """With the statistics "through", GGCR measures its geometry on FixMatch's own forward
-  (one forward, one backward pass for both): the same losses, new BatchNorm statistics
-  and gradient as a forward of its own, and fewer FLOPs (XLA's count)."""
+@pytest.mark.parametrize("algorithm", ["ggcr", "iomatch_ggcr"])
+def test_the_geometry_on_the_loss_forward_gives_the_step_of_separate_forwards(
+    split, monkeypatch, algorithm):
+  """With the statistics "through", GGCR measures its geometry on the base algorithm's
+  own forward (one forward, one backward pass for both): the same losses, new BatchNorm
+  statistics and gradient as a forward of its own, and fewer FLOPs (XLA's count)."""
   def step(fn, params):
     total = lambda p: (lambda out: (out.sup + out.aux, out))(fn(p))
     return jax.jit(jax.value_and_grad(total, has_aux=True)).lower(params)
 
-  shared_fn, params, _ = _ggcr_losses_fn(split)
+  shared_fn, params, _ = _ggcr_losses_fn(split, algorithm)
   shared = step(shared_fn, params)
   monkeypatch.setattr(ggcr, "shares_the_forward", lambda *args: False)
   separate = step(shared_fn, params)
   monkeypatch.undo()
-  held_fn, _, _ = _ggcr_losses_fn(split, statistics="held")
+  held_fn, _, _ = _ggcr_losses_fn(split, algorithm, statistics="held")
   held = step(held_fn, params)
   flops = {name: s.compile().cost_analysis()["flops"]
            for name, s in (("shared", shared), ("separate", separate), ("held", held))}

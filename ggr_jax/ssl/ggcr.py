@@ -27,10 +27,10 @@ constant (:func:`ggr_jax.consistency.frozen_batch_statistics`). ``statistics``: 
 gradient of ``L_g``, ``"through"`` (the default) differentiates those statistics (the
 total derivative, as the base loss's gradient is), which lets the geometry be measured
 on the base loss's own forward when the algorithm runs one (FixMatch, IOMatch;
-:func:`~ggr_jax.ssl.ggcr_pairs.shares_the_forward`): one forward and one backward pass serve both (WRN-28-2:
-18% fewer FLOPs per step than ``"held"``, which keeps the statistics constant there too
-and gives the geometry a forward and backward pass of its own: the same values, another
-gradient).
+:func:`~ggr_jax.ssl.ggcr_pairs.shares_the_forward`): one forward and one backward pass
+serve both (WRN-28-2: 18% fewer FLOPs per step than ``"held"``, which keeps the
+statistics constant there too and gives the geometry a forward and backward pass of its
+own: the same values, another gradient).
 
 :func:`with_gradient_consistency` adds ``lambda * L_g`` (after ``warmup_steps``) to any
 algorithm with a :class:`~ggr_jax.ssl.interface.ViewPair`, as the auxiliary term ``gc``
@@ -115,13 +115,11 @@ def with_gradient_consistency(base: Algorithm, name: str,
     # one forward for the base loss and the geometry, differentiated in one backward pass
     shared = (ccfg.statistics == "through" and stride == 1 and ccfg.pair_chunks == 1
               and ccfg.method != "vmap" and shares_the_forward(base.losses, ctx, pair))
-    if shared:
-      pass
-    elif (stride > 1 or ccfg.pair_chunks > 1) and ccfg.method != "vmap":
+    if not shared and (stride > 1 or ccfg.pair_chunks > 1) and ccfg.method != "vmap":
       # a subset or a chunk reuses the base forward's statistics
       rows = sum(ctx.batch[name].shape[0] for name in pair.forward)
       out, forward_stats = consistency.single_forward_statistics(base.losses, rows, ctx)
-    else:
+    elif not shared:
       out = base.losses(ctx)
     on = jnp.asarray(ctx.step) >= ccfg.warmup_steps
     # Computed at every step and switched off by a factor: under the step's jax.vjp a

@@ -260,7 +260,8 @@ def _view_rows(ctx: LossContext, pair: ViewPair) -> tuple[slice, slice]:
 def shares_the_forward(losses: Callable, ctx: LossContext, pair: ViewPair) -> bool:
   """Whether ``losses(ctx)`` is one forward of ``pair.forward`` (the top module called
   once, on those rows, returning logits, and no layer called twice), so that GGCR can
-  measure its geometry on that forward and differentiate both in one backward pass."""
+  measure its geometry on that forward and differentiate both in one backward pass.
+  The rows are taken in ``pair.forward``'s order, as :class:`ViewPair` promises."""
   rows = sum(ctx.batch[name].shape[0] for name in pair.forward)
   calls: dict[tuple, int] = {}
   top_rows: list = []
