@@ -61,14 +61,14 @@ fi
 if [ "$stage" = chunks ]; then
   # exact GGCR on FixMatch's own forward (statistics "through", the default; XLA counts
   # 3.04x FixMatch's FLOPs) and on a forward of its own ("held", 3.70x), on every pair in
-  # chunks one after the other (consistency.pair_chunks; planned on the CPU at 1.51x and
-  # 1.25x FixMatch's memory), and the pair fraction's final version
-  timeout 460 $ggr bench --workloads wrn28_2_paper --algorithms fixmatch \
+  # chunks one after the other (consistency.pair_chunks; 8 and 16 chunks planned on the
+  # CPU at 1.56x and 1.28x FixMatch's memory), and the pair fraction's final version
+  timeout 420 $ggr bench --workloads wrn28_2_paper --algorithms fixmatch \
     --variants sum,ggcr_fast,ggcr_fast_held,ggcr_fast_chunks16,ggcr_fast_chunks8,ggcr_fast_eighth,ggcr_fast_quarter \
     --steps 10 --warmup 2 --json "$out/bench_wrn28_2_paper_chunks.json" 2>&1 \
     | grep -v cuda_timer | tee "$out/bench_chunks.txt"
   # where the GPU step's time goes (ggr_jax.step_profile), FixMatch and FixMatch + GGR vlr
-  timeout 150 $ggr bench --workloads wrn28_2_paper --algorithms fixmatch --variants sum,vlr \
+  timeout 120 $ggr bench --workloads wrn28_2_paper --algorithms fixmatch --variants sum,vlr \
     --steps 5 --warmup 2 --profile 20 --json "$out/profile_wrn28_2_paper.json" 2>&1 \
     | grep -v cuda_timer | tee "$out/profile.txt"
   exit
