@@ -6,7 +6,8 @@ Keys (all optional; defaults in brackets):
 
 * ``algorithm`` [fixmatch]: ``supervised``, ``fixmatch``, ``iomatch``, ``openmatch``,
   ``ggcr`` (FixMatch + gradient consistency), ``iomatch_ggcr``, ``openmatch_ggcr``,
-  ``metasemi`` (meta-gradient pseudo-labels with mixup).
+  ``metasemi`` (meta-gradient pseudo-labels with mixup), ``metasemi_ggcr`` (MetaSemi +
+  gradient consistency, on a strong view drawn for it).
 * ``dataset`` [digits]: open-set ``digits`` (6/4), ``cifar10`` (6/4), ``cifar100_50``
   (50/50), ``cifar100_20`` (20/80), ``imagenet30`` (20/10); closed-set (every class
   known, top-1/top-5) ``digits_closed``, ``cifar10_closed``, ``cifar100_closed``,
@@ -17,14 +18,15 @@ Keys (all optional; defaults in brackets):
   ``imagenet`` the tfds subset, ``1pct`` or ``10pct``.
 * ``meta`` [jvp]: MetaSemi's pseudo-labels, ``jvp``, ``finite_difference`` (official) or
   ``off`` (the eval-mode predictions); ``mixup`` [True]: its cross-domain mixup. With
-  ``algorithm=metasemi`` the data set [digits_closed] follows SemiMeta's protocol instead
+  ``algorithm=metasemi`` (or ``metasemi_ggcr``) the data set [digits_closed] follows SemiMeta's protocol instead
   of FixMatch's: ConvLarge, batch 128 + 128, 400k steps, SGD (momentum 0.9, no Nesterov,
   weight decay 1e-4 on every parameter, 5e-5 on SVHN), learning rate 0.1 with a 4,000-step
   warm-up then x0.1 after 300k and 350k, no EMA, the unlabeled set without the labeled
   images, crop (and flip, not on SVHN) augmentation, mixup Beta(1, 1) (0.1 on SVHN);
   ``labels`` [10, 100, 400, 100] per class on digits, SVHN, CIFAR-10, CIFAR-100 (1,000,
   4,000 and 10,000 labels); ImageNet [10pct]: ResNet-18, 8 x (64 + 64), 600 epochs, 5
-  warm-up epochs then cosine, no ramp.
+  warm-up epochs then cosine, no ramp. On the digits, which run 2,000 steps,
+  ``metasemi_ggcr``'s ``L_g`` starts after a tenth of them (``configs/metasemi_ggcr.py``).
 * ``gc_method`` [exact], ``gc_weight`` [0.1], ``gc_warmup`` [1000]: the GGCR
   algorithms' per-sample method (``exact``, ``sketch``, ``vmap``), lambda and the steps
   before ``L_g`` starts (0: no warm-up); ``gc_sketch`` [64]: ``k`` of ``sketch``;
@@ -90,7 +92,8 @@ CLOSED_SET = ("digits_closed", "cifar10_closed", "cifar100_closed", "svhn_closed
 DATASETS = OPEN_SET + CLOSED_SET
 MODES = ("sum", "vlr", "osr", "csr", "pcgrad_sym", "conflict_drop")
 ALGORITHMS = ("supervised", "fixmatch", "iomatch", "openmatch", "ggcr", "iomatch_ggcr",
-              "openmatch_ggcr", "metasemi")
+              "openmatch_ggcr", "metasemi", "metasemi_ggcr")
+METASEMI = ("metasemi", "metasemi_ggcr")  # the algorithms on SemiMeta's protocol
 META = ("jvp", "finite_difference", "off")
 # MetaSemi's labels per class by data set (the paper's 1,000 / 4,000 / 10,000 labels)
 METASEMI_LABELS = {"digits_closed": "10", "svhn_closed": "100", "cifar10_closed": "400",
@@ -215,7 +218,8 @@ def _consistency(cfg: ml_collections.ConfigDict, cell: dict[str, str], algorithm
   if "consistency" not in cfg[algorithm]:
     if keys:
       raise ValueError(f"grid {', '.join(keys)} apply to the GGCR algorithms (ggcr, "
-                       f"iomatch_ggcr, openmatch_ggcr), not to algorithm={algorithm}.")
+                       f"iomatch_ggcr, openmatch_ggcr, metasemi_ggcr), not to "
+                       f"algorithm={algorithm}.")
     return
   gc = cfg[algorithm].consistency
   gc.method = _choice(cell, "gc_method", gc.method, GC_METHODS)
@@ -233,12 +237,12 @@ def _metasemi(cfg: ml_collections.ConfigDict, cell: dict[str, str], dataset: str
   """SemiMeta's own protocol (``train_meta.py`` and its README commands), and the
   ``meta``/``mixup`` keys of its ablation, refused for other algorithms."""
   keys = [key for key in ("meta", "mixup") if key in cell]
-  if cfg.algorithm != "metasemi":
+  if cfg.algorithm not in METASEMI:
     if keys:
-      raise ValueError(f"grid {', '.join(keys)} apply to algorithm=metasemi, not to "
-                       f"algorithm={cfg.algorithm}.")
+      raise ValueError(f"grid {', '.join(keys)} apply to algorithm={' or '.join(METASEMI)}, "
+                       f"not to algorithm={cfg.algorithm}.")
     return
-  block = cfg.metasemi
+  block = cfg[cfg.algorithm]
   meta = _choice(cell, "meta", "jvp", META)
   block.update(meta=meta != "off", method="jvp" if meta == "off" else meta,
                mixup=_boolean(cell, "mixup") if "mixup" in cell else True)
@@ -251,6 +255,8 @@ def _metasemi(cfg: ml_collections.ConfigDict, cell: dict[str, str], dataset: str
     cfg.train.update(batch_size=32, uratio=1)
     cfg.optim.update(warmup_steps=steps // 100, milestones=(steps * 3 // 4, steps * 7 // 8))
     block.ramp_steps = steps // 100
+    if "consistency" in block and "gc_warmup" not in cell:  # configs/metasemi_ggcr.py
+      block.consistency.warmup_steps = steps // 10
     return
   cfg.train.update(steps=400_000, batch_size=128, uratio=1)
   cfg.model.update(backbone="convlarge", bn_momentum=0.1)
@@ -289,25 +295,25 @@ def _runlocal(cfg: ml_collections.ConfigDict) -> None:
       block.op_warmup_steps = 1
     if "consistency" in block:
       block.consistency.warmup_steps = 1
-  if cfg.algorithm == "metasemi":
+  if cfg.algorithm in METASEMI:
     cfg.train.uratio = 1
-    cfg.metasemi.ramp_steps = 1
+    cfg[cfg.algorithm].ramp_steps = 1
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The config of one grid cell; see the module docstring for the keys."""
   cell = parse_cell(arg)
   algorithm = _choice(cell, "algorithm", "fixmatch", ALGORITHMS)
-  dataset = _choice(cell, "dataset", "digits_closed" if algorithm == "metasemi" else "digits",
+  dataset = _choice(cell, "dataset", "digits_closed" if algorithm in METASEMI else "digits",
                     DATASETS)
   fixed_lists = {"imagenet30": ("p1", "p5"), "imagenet": ("1pct", "10pct")}
   if dataset in fixed_lists:
     labels = _choice(cell, "labels", fixed_lists[dataset][0], fixed_lists[dataset])
-  elif algorithm == "metasemi" and dataset in METASEMI_LABELS:
+  elif algorithm in METASEMI and dataset in METASEMI_LABELS:
     labels = str(_integer(cell, "labels", int(METASEMI_LABELS[dataset])))
   else:
     labels = str(_integer(cell, "labels", 4 if dataset in CLOSED_SET else 5))
-  if algorithm == "metasemi" and dataset == "imagenet":
+  if algorithm in METASEMI and dataset == "imagenet":
     labels = _choice(cell, "labels", METASEMI_LABELS[dataset], fixed_lists[dataset])
 
   cfg = default.get_config()

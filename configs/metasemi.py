@@ -17,9 +17,10 @@ with a linear warm-up, then x0.1 twice) with its 400k-step schedule scaled to th
 from ggr_jax.configs import default
 
 
-def get_config():
+def get_config(algorithm: str = "metasemi"):
+  """``algorithm``: ``metasemi`` or a composition of it with its block (``metasemi_ggcr``)."""
   cfg = default.get_config()
-  cfg.algorithm = "metasemi"
+  cfg.algorithm = algorithm
   cfg.dataset.update(protocol="closed", labels_per_class=10, unlabeled_excludes_labeled=True)
   cfg.optim.ema = 0.0  # no EMA officially: evaluation uses the trained weights
   cfg.ggr.mode = "sum"
@@ -28,5 +29,5 @@ def get_config():
   cfg.optim.update(lr=0.1, nesterov=False, weight_decay=1e-4, decay="all",
                    schedule="warmup_step", warmup_steps=steps // 100,
                    milestones=(steps * 3 // 4, steps * 7 // 8), decay_factor=0.1)
-  cfg.metasemi.ramp_steps = steps // 100
+  cfg[algorithm].ramp_steps = steps // 100
   return cfg

@@ -16,7 +16,7 @@ from ggr_jax.train import config as config_lib
 from ggr_jax.train import loop, step as step_lib
 from tests.test_train import _equal_params, _one_step, losses_at_init, tiny_config
 
-COMPOSED = ("ggcr", "iomatch_ggcr", "openmatch_ggcr")
+COMPOSED = ("ggcr", "iomatch_ggcr", "openmatch_ggcr", "metasemi_ggcr")
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,8 @@ def _config(algorithm, mode="vlr", **consistency):
     block.p_cutoff = 0.0
   if "start_fix_steps" in block:
     block.start_fix_steps = 0
+  if "mixup" in block:  # MetaSemi pairs labeled and unlabeled images one to one
+    cfg.train.uratio = 1
   return cfg
 
 
@@ -171,7 +173,7 @@ def _context(split, algorithm="ggcr", **consistency):
   batch = views(jax.random.PRNGKey(1), 0, data, jnp.ones(split.x_unlabeled.shape[0], bool))
   return LossContext(step_lib.make_apply_fn(model), variables["params"],
                      variables["batch_stats"], batch, jax.random.PRNGKey(2), 0,
-                     step_lib.algorithm_config(cfg))
+                     step_lib.algorithm_config(cfg), learning_rate=jnp.float32(0.03))
 
 
 def _ggcr_losses_fn(split, algorithm="ggcr", **consistency):
@@ -262,16 +264,22 @@ def test_the_geometry_on_the_loss_forward_gives_the_step_of_separate_forwards(
   (value_sep, out_sep), grad_sep = separate.compile()(params)
   assert float(out.auxiliary["gc"]) > 0
   np.testing.assert_allclose(value, value_sep, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves((out.model_state, out.sample_aux, grad)),
-                  jax.tree.leaves((out_sep.model_state, out_sep.sample_aux, grad_sep))):
+  for a, b in zip(jax.tree.leaves((out.model_state, out.sample_aux)),
+                  jax.tree.leaves((out_sep.model_state, out_sep.sample_aux))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  # float32 rounding of entries that are zero in exact arithmetic (a bias before
+  # BatchNorm) is relative to the gradient's scale, not to the entry
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grad))
+  for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(grad_sep)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale)
 
 
 def test_the_forward_is_shared_only_when_the_algorithm_runs_one(split):
-  """FixMatch and IOMatch forward the pair once; OpenMatch forwards more than once."""
+  """FixMatch and IOMatch forward the pair once; OpenMatch forwards more than once, and
+  MetaSemi never forwards the strong view (the pair is GGCR's own forward)."""
   shared = {}
-  for name, base in (("ggcr", "fixmatch"), ("iomatch_ggcr", "iomatch"),
-                     ("openmatch_ggcr", "openmatch")):
+  for base, name in ggcr.COMPOSITIONS.items():
     shared[name] = ggcr.shares_the_forward(ssl.get(base).losses, _context(split, name),
                                            ssl.get(name).view_pair)
-  assert shared == {"ggcr": True, "iomatch_ggcr": True, "openmatch_ggcr": False}
+  assert shared == {"ggcr": True, "iomatch_ggcr": True, "openmatch_ggcr": False,
+                    "metasemi_ggcr": False}

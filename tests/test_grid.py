@@ -168,7 +168,8 @@ def test_smoke_mode_runs_a_cifar_cell_on_mock_tfds_data(tmp_path, dataset, algor
 
 def test_every_closed_set_ggcr_and_metasemi_cell_is_a_valid_config():
   for dataset, algorithm, mode in itertools.product(
-      grid.CLOSED_SET, ("supervised", "fixmatch", "ggcr", "metasemi"), ("sum", "vlr")):
+      grid.CLOSED_SET, ("supervised", "fixmatch", "ggcr", "metasemi", "metasemi_ggcr"),
+      ("sum", "vlr")):
     if algorithm == "supervised" and mode != "sum":
       continue
     cfg = grid.get_config(f"algorithm={algorithm},dataset={dataset},ggr={mode}")
@@ -184,8 +185,9 @@ def _closed_smoke(tmp_path, cell):
   return summary
 
 
-def test_smoke_mode_runs_a_closed_digits_ggcr_cell_with_the_rectifier(tmp_path):
-  _closed_smoke(tmp_path, "algorithm=ggcr,dataset=digits_closed,ggr=vlr")
+@pytest.mark.parametrize("algorithm", ["ggcr", "metasemi_ggcr"])
+def test_smoke_mode_runs_a_closed_digits_ggcr_cell_with_the_rectifier(tmp_path, algorithm):
+  _closed_smoke(tmp_path, f"algorithm={algorithm},dataset=digits_closed,ggr=vlr")
 
 
 @pytest.mark.parametrize("cell, field, value", [
@@ -202,6 +204,15 @@ def test_smoke_mode_runs_a_closed_digits_ggcr_cell_with_the_rectifier(tmp_path):
     ("algorithm=metasemi,dataset=imagenet", "metasemi.ramp_steps", 0),
     ("algorithm=metasemi,meta=off,mixup=False", "metasemi.meta", False),
     ("algorithm=metasemi,meta=finite_difference", "metasemi.method", "finite_difference"),
+    ("algorithm=metasemi_ggcr,dataset=cifar10_closed", "model.backbone", "convlarge"),
+    ("algorithm=metasemi_ggcr,dataset=svhn_closed", "metasemi_ggcr.mixup_alpha", 0.1),
+    ("algorithm=metasemi_ggcr,meta=off", "metasemi_ggcr.meta", False),
+    ("algorithm=metasemi_ggcr,gc_weight=0.5", "metasemi_ggcr.consistency.weight", 0.5),
+    ("algorithm=metasemi_ggcr", "dataset.protocol", "closed"),
+    ("algorithm=metasemi_ggcr", "metasemi_ggcr.consistency.warmup_steps", 200),
+    ("algorithm=metasemi_ggcr,gc_warmup=0", "metasemi_ggcr.consistency.warmup_steps", 0),
+    ("algorithm=metasemi_ggcr,dataset=cifar10_closed",
+     "metasemi_ggcr.consistency.warmup_steps", 1000),
 ])
 def test_metasemi_cells_follow_semimeta_protocol(cell, field, value):
   node = grid.get_config(cell)

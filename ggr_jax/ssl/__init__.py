@@ -22,6 +22,7 @@ BUILTIN: dict[str, str] = {
     "iomatch_ggcr": "ggr_jax.ssl.ggcr:IOMATCH_GGCR",
     "openmatch_ggcr": "ggr_jax.ssl.ggcr:OPENMATCH_GGCR",
     "metasemi": "ggr_jax.ssl.metasemi",
+    "metasemi_ggcr": "ggr_jax.ssl.ggcr:METASEMI_GGCR",
     "simgcd": "ggr_jax.ssl.simgcd",
 }
 ALGORITHMS = tuple(BUILTIN)  # the built-in names

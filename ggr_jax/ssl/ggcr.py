@@ -37,7 +37,13 @@ algorithm with a :class:`~ggr_jax.ssl.interface.ViewPair`, as the auxiliary term
 (rectified with the rest of the auxiliary loss when GGR is on; ``role="supervised"``
 puts it on the anchor side). Its settings are the block's ``consistency`` sub-block.
 Registered: ``ggcr`` (FixMatch with hard pseudo-labels, the unlabeled weight ramped
-linearly over 5,000 steps, the paper's method), ``iomatch_ggcr`` and ``openmatch_ggcr``.
+linearly over 5,000 steps, the paper's method), ``iomatch_ggcr``, ``openmatch_ggcr`` and
+``metasemi_ggcr``. MetaSemi trains on weak views only; :func:`with_strong_view` draws a
+strong view of its unlabeled images beside them for ``L_g`` alone (the pair is forwarded
+by the regulariser, MetaSemi's own losses and batch statistics are unchanged), and the
+pseudo-label of ``L_g`` is, as for every base, the argmax of the pair forward's weak-view
+prediction, not MetaSemi's meta pseudo-label (decision: one definition of ``L_g`` for
+every base, the issue's ``yhat = argmax p(weak)``).
 """
 
 from __future__ import annotations
@@ -50,11 +56,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from ggr_jax import consistency
-from ggr_jax.ssl import fixmatch, iomatch, openmatch
+from ggr_jax.ssl import fixmatch, iomatch, metasemi, openmatch
 # the pair geometry's public names, importable from here as well
 from ggr_jax.ssl.ggcr_pairs import (REMAT, PairLosses, encoder_scope, gradient_consistency,
                                     pair_losses, pair_stride, scope_of, shares_the_forward)
-from ggr_jax.ssl.interface import Algorithm, LossContext, Losses
+from ggr_jax.ssl.interface import Algorithm, LossContext, Losses, ViewPair
 
 MASKS = ("confident", "all")
 PENALTIES = ("cosine", "grad_norm")
@@ -89,6 +95,28 @@ def _mean_where(values: jax.Array, where: jax.Array) -> jax.Array:
   count = jnp.sum(where)
   return jnp.where(count > 0, jnp.sum(jnp.where(where, values, 0.0)) / jnp.maximum(count, 1),
                    jnp.nan)
+
+
+def with_strong_view(base: Algorithm, weak: str = "x_ulb", strong: str = "x_ulb_s") -> Algorithm:
+  """``base``, which trains on its unlabeled images' weak view ``weak`` only, also drawing
+  a strong view ``strong`` of the same images, paired with it (``view_pair``) and
+  forwarded with it by a regulariser alone: ``base.losses`` never reads ``strong``.
+
+  >>> from ggr_jax import ssl
+  >>> with_strong_view(ssl.get("metasemi")).views["unlabeled"]
+  {'x_ulb': 'weak', 'x_ulb_s': 'strong'}
+  """
+  unlabeled = dict(base.views.get("unlabeled", {}))
+  if base.view_pair is not None:
+    raise ValueError(f"algorithm {base.name!r} has a view pair already "
+                     f"({base.view_pair.weak}, {base.view_pair.strong}).")
+  if unlabeled.get(weak) != "weak" or strong in unlabeled:
+    raise ValueError(f"algorithm {base.name!r}: {weak!r} must be a weak unlabeled view and "
+                     f"{strong!r} a new name; its unlabeled views are {unlabeled}.")
+  views = {**base.views, "unlabeled": {**unlabeled, strong: "strong"}}
+  return dataclasses.replace(base, views=views,
+                             view_pair=ViewPair(weak=weak, strong=strong,
+                                                forward=(weak, strong)))
 
 
 def with_gradient_consistency(base: Algorithm, name: str,
@@ -184,6 +212,7 @@ GGCR = with_gradient_consistency(fixmatch.ALGORITHM, "ggcr", hard_label=True,
                                  unsup_warmup_steps=5000)
 IOMATCH_GGCR = with_gradient_consistency(iomatch.ALGORITHM, "iomatch_ggcr")
 OPENMATCH_GGCR = with_gradient_consistency(openmatch.ALGORITHM, "openmatch_ggcr")
+METASEMI_GGCR = with_gradient_consistency(with_strong_view(metasemi.ALGORITHM), "metasemi_ggcr")
 ALGORITHM = GGCR
-COMPOSITIONS = {"fixmatch": GGCR.name, "iomatch": IOMATCH_GGCR.name,
-                "openmatch": OPENMATCH_GGCR.name}  # base algorithm -> its GGCR composition
+COMPOSITIONS = {"fixmatch": GGCR.name, "iomatch": IOMATCH_GGCR.name,  # base -> composition
+                "openmatch": OPENMATCH_GGCR.name, "metasemi": METASEMI_GGCR.name}

@@ -154,9 +154,10 @@ def validate(cfg: ml_collections.ConfigDict, fail) -> None:
 
 def check_run(cfg: ml_collections.ConfigDict, counts, fail) -> None:
   """Mixup pairs the batches one to one; a labeled batch must fit in the labeled set."""
-  if cfg.metasemi.mixup and cfg.train.uratio != 1:
-    fail("train.uratio", cfg.train.uratio, "metasemi's mixup pairs each labeled image with "
-         "one unlabeled image: use 1 (or metasemi.mixup=False)")
+  name = cfg.algorithm  # metasemi, or a composition of it (metasemi_ggcr)
+  if cfg[name].mixup and cfg.train.uratio != 1:
+    fail("train.uratio", cfg.train.uratio, f"{name}'s mixup pairs each labeled image with "
+         f"one unlabeled image: use 1 (or {name}.mixup=False)")
   if counts is not None and cfg.train.batch_size > counts["labeled"]:
     fail("train.batch_size", cfg.train.batch_size,
          f"the labeled set has {counts['labeled']} images, fewer than one labeled batch: "
