@@ -7,7 +7,8 @@ Variants: neither component (the eval-mode predictions as targets, no mixup); me
 only; mixup only; both (MetaSemi, JVP pseudo-labels); both with the official finite
 difference; both + GGR (vlr); and MetaSemi + GGCR (``metasemi_ggcr``: ``lambda * L_g`` on
 a weak and a strong view drawn for it, the exact method, ``L_g`` after a tenth of the
-steps), without and with GGR (vlr). The protocol is ``configs/metasemi.py``'s (the ``grid``'s
+steps), without and with GGR (vlr), and its control with lambda 0 (``both_gc_monitor``:
+MetaSemi's training, the cosines logged). The protocol is ``configs/metasemi.py``'s (the ``grid``'s
 ``algorithm=metasemi,dataset=digits_closed``): batch 32 + 32, SGD 0.1 without Nesterov,
 weight decay 1e-4 on every parameter, no EMA, the unlabeled set without the labeled
 images, SemiMeta's schedule scaled to ``STEPS`` (1% warm-up and ramp, x0.1 after 75% and
@@ -29,6 +30,8 @@ VARIANTS = [  # (name, grid keys)
     # MetaSemi + L_g (added 2026-12-05)
     ("both_ggcr", "algorithm=metasemi_ggcr,meta=jvp,mixup=True,ggr=sum"),
     ("both_ggcr_vlr", "algorithm=metasemi_ggcr,meta=jvp,mixup=True,ggr=vlr"),
+    # the control: MetaSemi's training (lambda 0) with the cosines measured and logged
+    ("both_gc_monitor", "algorithm=metasemi_ggcr,meta=jvp,mixup=True,ggr=sum,gc_weight=0"),
 ]
 
 

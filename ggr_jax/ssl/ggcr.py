@@ -23,7 +23,9 @@ so ``lambda`` does not carry over). Its
 gradient includes the second-order term through the per-sample gradients (``jax.grad``
 through :func:`ggr_jax.consistency.view_geometry`), without which it would contribute
 nothing. Per-sample gradients hold the BatchNorm batch statistics of the pair's forward
-constant (:func:`ggr_jax.consistency.frozen_batch_statistics`). ``statistics``: in the
+constant (:func:`ggr_jax.consistency.frozen_batch_statistics`); a model with dropout
+(ConvLarge) draws its masks once for that forward, which the exact and sketch methods
+differentiate, while ``vmap`` forwards each sample alone and so draws other masks. ``statistics``: in the
 gradient of ``L_g``, ``"through"`` (the default) differentiates those statistics (the
 total derivative, as the base loss's gradient is), which lets the geometry be measured
 on the base loss's own forward when the algorithm runs one (FixMatch, IOMatch;
