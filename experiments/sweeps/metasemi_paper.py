@@ -1,7 +1,7 @@
 """The SemiMeta paper's table and ablation, on the real data (an accelerator per run).
 
 ``ggr-jax sweep experiments/sweeps/metasemi_paper.py --root runs/metasemi_paper`` (every
-cell); ``... metasemi_paper.py:table`` or ``:ablation`` for one part. Needs the tfds
+cell); ``... metasemi_paper.py:table``, ``:ablation`` or ``:ggcr`` for one part. Needs the tfds
 data prepared in array_record format (``svhn_cropped``, CIFAR-10, CIFAR-100, ImageNet with
 ``imagenet2012_subset/10pct``) and follows SemiMeta's protocol (the ``grid``'s
 ``algorithm=metasemi`` cells: ConvLarge, 128 + 128, 400k steps; ResNet-18 on ImageNet).
@@ -13,6 +13,10 @@ data prepared in array_record format (``svhn_cropped``, CIFAR-10, CIFAR-100, Ima
 * ``ablation`` (SVHN, CIFAR-10, CIFAR-100; the paper's seed): neither component (paper
   9.76 / 15.43 / 38.74), meta only (3.68 / 11.63 / 35.40), mixup only (5.60 / 11.10 /
   32.67); "both" is the table's row.
+* ``ggcr`` (SVHN, CIFAR-10, CIFAR-100; the paper's seed): MetaSemi + GGCR's ``L_g``
+  (``metasemi_ggcr``: a strong view drawn for it, the exact method, lambda 0.1, 1,000
+  warm-up steps), without and with GGR (vlr); no paper figure, against the table's
+  ``jvp-sum`` and ``jvp-vlr`` rows.
 """
 
 DATASETS = [("svhn_closed", 7788), ("cifar10_closed", 8469), ("cifar100_closed", 7788)]
@@ -21,8 +25,8 @@ ABLATION = [("neither", "meta=off,mixup=False"), ("meta_only", "meta=jvp,mixup=F
             ("mixup_only", "meta=off,mixup=True")]
 
 
-def _cell(name: str, cell: str) -> dict:
-  return {"name": name, "config": f"grid:algorithm=metasemi,{cell}", "overrides": {}}
+def _cell(name: str, cell: str, algorithm: str = "metasemi") -> dict:
+  return {"name": name, "config": f"grid:algorithm={algorithm},{cell}", "overrides": {}}
 
 
 def _table() -> list[dict]:
@@ -39,8 +43,15 @@ def _ablation() -> list[dict]:
           for dataset, seed in DATASETS for name, keys in ABLATION]
 
 
+def _ggcr() -> list[dict]:
+  return [_cell(f"{dataset}-jvp-ggcr-{mode}", f"dataset={dataset},meta=jvp,seed={seed},ggr={mode}",
+                "metasemi_ggcr")
+          for dataset, seed in DATASETS for mode in ("sum", "vlr")]
+
+
 def get_sweep(arg=None):
-  parts = {"table": _table, "ablation": _ablation}
+  parts = {"table": _table, "ablation": _ablation, "ggcr": _ggcr}
   if arg not in (None, "", *parts):
-    raise ValueError(f"metasemi_paper.py:{arg}: choose table or ablation (or nothing for both).")
+    raise ValueError(f"metasemi_paper.py:{arg}: choose table, ablation or ggcr (or nothing "
+                     "for all).")
   return [c for name, part in parts.items() if arg in (None, "", name) for c in part()]
