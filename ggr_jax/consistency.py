@@ -13,7 +13,7 @@ gradients:
 
 * ``"vmap"``: the reference definition. Every per-sample gradient is materialised:
   ``jax.vmap(jax.grad(...))`` of a one-sample loss function (``sample_fn``, normalised
-  with the batch's statistics replayed) or, for any batch function, one vmapped VJP per
+  with the batch's statistics, and dropped with its dropout masks, replayed) or, for any batch function, one vmapped VJP per
   row of the batch Jacobian; ``microbatch`` at a time, ``2B x P`` memory.
 * ``"exact"``: no per-sample gradient is materialised. A layer's per-sample gradient
   is a sum of outer products of its inputs ``a`` and output cotangents ``d`` over
@@ -176,6 +176,52 @@ def single_forward_statistics(fn: Callable[..., Any], rows: int, *args, **kwargs
   one_forward = stats and all(number == 0 for _, number in stats) and all(
       count == rows for count in counts.values())
   return out, stats if one_forward else None
+
+
+def recorded_dropout_masks(fn: Callable[..., Any], *args, **kwargs
+                           ) -> tuple[Any, dict[tuple, jax.Array]]:
+  """``fn(*args, **kwargs)`` and the dropout masks its modules drew, keyed by ``(module
+  path, call number)``: the outputs of every module method named ``keep_mask`` (the
+  convention of :class:`ggr_jax.models.convlarge.ChannelDropout`, rows first), for
+  :func:`replayed_dropout_masks`."""
+  masks: dict[tuple, jax.Array] = {}
+
+  def record(next_fun, args_, kwargs_, context):
+    out = next_fun(*args_, **kwargs_)
+    if context.method_name == "keep_mask":
+      path = tuple(context.module.path)
+      masks[(path, sum(k[0] == path for k in masks))] = out
+    return out
+
+  with nn.intercept_methods(record):
+    out = fn(*args, **kwargs)
+  return out, masks
+
+
+@contextlib.contextmanager
+def replayed_dropout_masks(masks: dict[tuple, jax.Array]):
+  """Inside, each ``keep_mask`` returns ``masks`` (rows of those recorded by
+  :func:`recorded_dropout_masks`) instead of drawing, so that a forward of one sample
+  drops what the recorded batch forward dropped for its rows."""
+  calls: dict[tuple, int] = {}
+
+  def replay(next_fun, args, kwargs, context):
+    if context.method_name != "keep_mask":
+      return next_fun(*args, **kwargs)
+    path = tuple(context.module.path)
+    number = calls.get(path, 0)
+    calls[path] = number + 1
+    mask = masks.get((path, number))
+    shape = tuple(args[0]) if args else tuple(kwargs.get("shape", ()))
+    if mask is None or tuple(mask.shape) != shape:
+      raise ValueError(f"replayed dropout masks: {'/'.join(path)} call {number} asks for a "
+                       f"mask of shape {shape}, recorded: "
+                       f"{None if mask is None else tuple(mask.shape)}; replay rows of the "
+                       "recorded forward, one per row of this one.")
+    return mask
+
+  with nn.intercept_methods(replay):
+    yield
 
 
 @contextlib.contextmanager

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ggr_jax import ssl
+from ggr_jax import consistency, ssl
 from ggr_jax.configs import metasemi as metasemi_config
 from ggr_jax.configs import metasemi_ggcr as metasemi_ggcr_config
 from ggr_jax.ssl import ggcr
@@ -96,3 +97,33 @@ def test_the_packaged_config_is_metasemi_with_the_term():
     assert cfg.metasemi_ggcr[field] == plain.metasemi[field], field
   assert cfg.train == plain.train and cfg.optim == plain.optim
   assert cfg.metasemi_ggcr.consistency.warmup_steps == cfg.train.steps // 10
+
+
+def test_on_a_dropout_network_vmap_replays_the_pair_forwards_masks():
+  """ConvLarge drops whole channels in train mode. The exact method differentiates the
+  pair forward with its masks; the vmap reference forwards each sample alone, with
+  that forward's masks of the sample's rows replayed: the same cosines and norms."""
+  from ggr_jax.models import build_model
+  from ggr_jax.ssl import ggcr_pairs
+  from ggr_jax.ssl.interface import LossContext, ViewPair
+  from ggr_jax.train.state import make_apply_fn
+  model = build_model("convlarge", 10, "none")
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 12, 12, 3))
+  variables = model.init(jax.random.PRNGKey(1), x[0], train=False)
+  apply_fn = make_apply_fn(model, dropout_key=jax.random.PRNGKey(2))
+  ctx = LossContext(apply_fn, variables["params"], variables["batch_stats"],
+                    {"w": x[0], "s": x[1]}, None, 0, None)
+  pair = ViewPair(weak="w", strong="s", forward=("w", "s"))
+  full = apply_fn(variables["params"], variables["batch_stats"], jnp.concatenate(x), True)[0]
+  rows = apply_fn(variables["params"], variables["batch_stats"], x[:, 0], True)[0]
+  assert not np.allclose(full["logits"][::2], rows["logits"], atol=1e-3)  # other masks
+  geometry = {}
+  for method in ("exact", "vmap"):
+    pl = ggcr_pairs.pair_losses(ctx, pair, one_sample=method == "vmap")
+    geometry[method], _ = consistency.view_geometry(
+        pl.losses_fn, ctx.params, method=method, scope=ggcr.encoder_scope, view_rows=pl.rows,
+        sample_fn=pl.sample_fn, samples=pl.samples, has_aux=True)
+  assert len(pl.samples[3]) == 2  # two dropout layers, a mask each
+  for name in ("cos", "sq_w", "sq_s"):
+    np.testing.assert_allclose(getattr(geometry["vmap"], name), getattr(geometry["exact"], name),
+                               rtol=1e-4)

@@ -24,8 +24,11 @@ gradient includes the second-order term through the per-sample gradients (``jax.
 through :func:`ggr_jax.consistency.view_geometry`), without which it would contribute
 nothing. Per-sample gradients hold the BatchNorm batch statistics of the pair's forward
 constant (:func:`ggr_jax.consistency.frozen_batch_statistics`); a model with dropout
-(ConvLarge) draws its masks once for that forward, which the exact and sketch methods
-differentiate, while ``vmap`` forwards each sample alone and so draws other masks. ``statistics``: in the
+(ConvLarge) draws its masks once for that forward, and ``vmap``, which forwards each
+sample alone, replays that forward's masks of the sample's rows
+(:func:`ggr_jax.consistency.replayed_dropout_masks`), so every method differentiates the
+same network. (A pair fraction or chunks forward their pairs alone and draw masks of
+their own.) ``statistics``: in the
 gradient of ``L_g``, ``"through"`` (the default) differentiates those statistics (the
 total derivative, as the base loss's gradient is), which lets the geometry be measured
 on the base loss's own forward when the algorithm runs one (FixMatch, IOMatch;

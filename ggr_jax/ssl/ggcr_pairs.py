@@ -46,8 +46,8 @@ class PairLosses(NamedTuple):
 
   losses_fn: Callable  # params -> ((CE(weak, yhat), CE(strong, yhat)), probs), (B,) each
   rows: tuple[slice, slice]  # the two views' rows in that forward
-  sample_fn: Callable | None  # (params, (x_w, x_s, yhat)) -> the two losses of one sample
-  samples: tuple[jax.Array, jax.Array, jax.Array] | None  # (x_w, x_s, yhat), one per row
+  sample_fn: Callable | None  # (params, (x_w, x_s, yhat, masks)) -> one sample's two losses
+  samples: tuple | None  # (x_w, x_s, yhat, dropout masks), one per row
 
 
 def pair_stride(fraction: float) -> int | None:
@@ -65,8 +65,9 @@ def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False,
   pseudo-labels are the argmax of its own weak-view probabilities (no gradient),
   which it returns as the auxiliary value, so that no other forward is needed. With
   ``one_sample``, ``sample_fn`` is the forward of one sample's two views alone,
-  normalised with the batch statistics of that joint forward (recorded in one more
-  forward, then replayed), so that both give the same per-sample losses. With
+  normalised with the batch statistics of that joint forward and dropping what its
+  dropout dropped for the sample's rows (both recorded in one more forward with the
+  same dropout key, then replayed), so that both give the same per-sample losses. With
   ``stride`` k > 1, ``losses_fn`` is the forward of every k-th image's two views alone
   (a strided slice: a data-parallel batch keeps each device's share), normalised with
   the joint forward's statistics (replayed in the same way): each of their losses is
@@ -89,7 +90,7 @@ def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False,
   if subset and not one_sample and forward_stats is not None:
     stats = forward_stats
   elif one_sample or subset:
-    outputs, stats = _joint_statistics(ctx, x, statistics)
+    outputs, stats, masks = _joint_statistics(ctx, x, statistics)
   if subset:
     losses_fn, (rows_w, rows_s) = _replayed_losses(ctx, stats, batch[pair.weak][::stride],
                                                    batch[pair.strong][::stride], statistics)
@@ -102,25 +103,32 @@ def pair_losses(ctx: LossContext, pair: ViewPair, one_sample: bool = False,
     return PairLosses(losses_fn, (rows_w, rows_s), None, None)
   every = stride if subset else 1
   weak_rows = slice(start_w, start_w + size, every)
+  strong_rows = slice(start_s, start_s + size, every)
   yhat = jnp.argmax(jax.lax.stop_gradient(outputs["logits"][weak_rows]), axis=-1)
+  # each sample's two rows of the joint forward's dropout masks: (pairs, 2, ...)
+  sample_masks = {key: jnp.stack([m[weak_rows], m[strong_rows]], axis=1)
+                  for key, m in masks.items()}
 
   def sample_fn(params, sample):
-    x_w, x_s, label = sample
-    with consistency.replayed_batch_statistics(stats, statistics):
+    x_w, x_s, label, drop = sample
+    with consistency.replayed_batch_statistics(stats, statistics), \
+        consistency.replayed_dropout_masks(drop):
       out = ctx.apply_fn(params, ctx.model_state, jnp.stack([x_w, x_s]), True)[0]["logits"]
     return ce(out[0], label), ce(out[1], label)
 
   return PairLosses(losses_fn, (rows_w, rows_s), sample_fn,
-                    (batch[pair.weak][::every], batch[pair.strong][::every], yhat))
+                    (batch[pair.weak][::every], batch[pair.strong][::every], yhat,
+                     sample_masks))
 
 
 def _joint_statistics(ctx: LossContext, x: jax.Array, statistics: str):
-  """The outputs and the recorded batch statistics of a train-mode forward of ``x`` (a
-  recording forward of its own; without gradient unless ``statistics="through"``)."""
+  """The outputs, the recorded batch statistics and dropout masks of a train-mode
+  forward of ``x`` (a recording forward of its own; without gradient unless
+  ``statistics="through"``)."""
   params = ctx.params if statistics == "through" else jax.lax.stop_gradient(ctx.params)
-  (outputs, _), stats = consistency.recorded_batch_statistics(
-      ctx.apply_fn, params, ctx.model_state, x, True)
-  return outputs, stats
+  ((outputs, _), stats), masks = consistency.recorded_dropout_masks(
+      consistency.recorded_batch_statistics, ctx.apply_fn, params, ctx.model_state, x, True)
+  return outputs, stats, masks
 
 
 def _view_losses(logits: jax.Array, rows_w: slice, rows_s: slice):
@@ -154,8 +162,8 @@ def _chunked_exact_geometry(ctx: LossContext, pair: ViewPair, cfg: ml_collection
   chunks = cfg.pair_chunks
   stats = forward_stats
   if stats is None:
-    _, stats = _joint_statistics(ctx, jnp.concatenate([ctx.batch[n] for n in pair.forward]),
-                                 cfg.statistics)
+    _, stats, _ = _joint_statistics(
+        ctx, jnp.concatenate([ctx.batch[n] for n in pair.forward]), cfg.statistics)
   weak, strong = ctx.batch[pair.weak][::stride], ctx.batch[pair.strong][::stride]
   pairs = weak.shape[0]
   if pairs % chunks:
