@@ -5,7 +5,8 @@ This folder is the top-level ``configs/`` of the repository, installed as the pa
 (``from ggr_jax.configs import default``). ``ggr-jax train --config X`` takes a
 packaged name (``default``, ``fixmatch_ggr``, ``sum``, ``supervised``, ``iomatch``,
 ``openmatch``, ``ggcr``, ``metasemi``, ``metasemi_ggcr``, ``simgcd``, ``grid``, ...: see
-:func:`names`), a path to a ``get_config()`` file (``configs/sum.py`` from a checkout, or your own), each optionally followed by ``:ARG`` for ``get_config(ARG)``.
+:func:`names`), a path to a ``get_config()`` file (``configs/sum.py`` from a checkout,
+or your own), each optionally followed by ``:ARG`` for ``get_config(ARG)``.
 """
 
 from __future__ import annotations

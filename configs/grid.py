@@ -18,15 +18,16 @@ Keys (all optional; defaults in brackets):
   ``imagenet`` the tfds subset, ``1pct`` or ``10pct``.
 * ``meta`` [jvp]: MetaSemi's pseudo-labels, ``jvp``, ``finite_difference`` (official) or
   ``off`` (the eval-mode predictions); ``mixup`` [True]: its cross-domain mixup. With
-  ``algorithm=metasemi`` (or ``metasemi_ggcr``) the data set [digits_closed] follows SemiMeta's protocol instead
-  of FixMatch's: ConvLarge, batch 128 + 128, 400k steps, SGD (momentum 0.9, no Nesterov,
-  weight decay 1e-4 on every parameter, 5e-5 on SVHN), learning rate 0.1 with a 4,000-step
-  warm-up then x0.1 after 300k and 350k, no EMA, the unlabeled set without the labeled
-  images, crop (and flip, not on SVHN) augmentation, mixup Beta(1, 1) (0.1 on SVHN);
-  ``labels`` [10, 100, 400, 100] per class on digits, SVHN, CIFAR-10, CIFAR-100 (1,000,
-  4,000 and 10,000 labels); ImageNet [10pct]: ResNet-18, 8 x (64 + 64), 600 epochs, 5
-  warm-up epochs then cosine, no ramp. On the digits, which run 2,000 steps,
-  ``metasemi_ggcr``'s ``L_g`` starts after a tenth of them (``configs/metasemi_ggcr.py``).
+  ``algorithm=metasemi`` (or ``metasemi_ggcr``) the data set [digits_closed] follows
+  SemiMeta's protocol instead of FixMatch's: ConvLarge, batch 128 + 128, 400k steps, SGD
+  (momentum 0.9, no Nesterov, weight decay 1e-4 on every parameter, 5e-5 on SVHN),
+  learning rate 0.1 with a 4,000-step warm-up then x0.1 after 300k and 350k, no EMA, the
+  unlabeled set without the labeled images, crop (and flip, not on SVHN) augmentation,
+  mixup Beta(1, 1) (0.1 on SVHN); ``labels`` [10, 100, 400, 100] per class on digits,
+  SVHN, CIFAR-10, CIFAR-100 (1,000, 4,000 and 10,000 labels); ImageNet [10pct]: ResNet-18,
+  8 x (64 + 64), 600 epochs, 5 warm-up epochs then cosine, no ramp. On the digits, which
+  run 2,000 steps, ``metasemi_ggcr``'s ``L_g`` starts after a tenth of them
+  (``configs/metasemi_ggcr.py``).
 * ``gc_method`` [exact], ``gc_weight`` [0.1], ``gc_warmup`` [1000]: the GGCR
   algorithms' per-sample method (``exact``, ``sketch``, ``vmap``), lambda and the steps
   before ``L_g`` starts (0: no warm-up); ``gc_sketch`` [64]: ``k`` of ``sketch``;

@@ -13,8 +13,9 @@ gradients:
 
 * ``"vmap"``: the reference definition. Every per-sample gradient is materialised:
   ``jax.vmap(jax.grad(...))`` of a one-sample loss function (``sample_fn``, normalised
-  with the batch's statistics, and dropped with its dropout masks, replayed) or, for any batch function, one vmapped VJP per
-  row of the batch Jacobian; ``microbatch`` at a time, ``2B x P`` memory.
+  with the batch's statistics and dropped with its dropout masks, both replayed) or, for
+  any batch function, one vmapped VJP per row of the batch Jacobian; ``microbatch`` at a
+  time, ``2B x P`` memory.
 * ``"exact"``: no per-sample gradient is materialised. A layer's per-sample gradient
   is a sum of outer products of its inputs ``a`` and output cotangents ``d`` over
   positions ``p``, ``G_i = sum_p a_ip d_ip^T``, so ``<G^w_i, G^s_i> =
